@@ -1,0 +1,233 @@
+"""Typed experiment configuration, strict YAML loading and `a.b=value` overrides.
+
+An experiment is `ExperimentConfig(model=<the model's own Config dataclass>, data=DataConfig,
+train=TrainConfig)`. In YAML the model section names the model:
+
+    model: {name: lf_dnn, hidden: 64}
+    data: {name: mosi-poria}
+    train: {epochs: 40}
+
+Unknown keys anywhere are errors that name the key. Each model's defaults live in its own
+`Config` dataclass beside the model (msakit/models/<model>.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from msakit.data.synthetic import SyntheticConfig
+from msakit.registry import get_model_entry
+
+DEFAULT_MODEL = "lf_dnn"
+
+
+class ConfigError(ValueError):
+    """A bad configuration value or key; the message names it."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "synthetic"
+    """Registered dataset name (`msakit list-datasets`)."""
+    data_path: str | None = None
+    """A single data file (MMSA / MulT pickles)."""
+    data_root: str | None = None
+    """Folder holding dataset folders (mosi-poria/, mosi-labels/, ...). Default: $MSAKIT_DATA."""
+    batch_size: int = 32
+    valid_fraction: float = 0.15
+    """mosi-poria: share of Poria's training VIDEOS held out as the validation split."""
+    split_seed: int = 0
+    """Seed of data-side randomness (validation carve-out, synthetic data); fixed across training seeds."""
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError("data.batch_size must be >= 1")
+        if not 0.0 < self.valid_fraction < 1.0:
+            raise ConfigError("data.valid_fraction must be in (0, 1)")
+        if self.data_root is None:
+            self.data_root = os.environ.get("MSAKIT_DATA") or None
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    """Max global gradient norm; 0 disables clipping."""
+    patience: int = 8
+    """Early stopping: stop after this many epochs without a validation improvement."""
+    select_metric: str = ""
+    """Validation metric that selects the checkpoint; "" = the dataset family's default (MAE for regression)."""
+    select_mode: str = ""
+    """"min" or "max"; "" = the default that goes with select_metric."""
+    seeds: list[int] = field(default_factory=lambda: [1])
+    device: str = "cpu"
+    """"cpu", "cuda", "cuda:N" or "auto"."""
+    num_threads: int = 0
+    """torch CPU threads; 0 keeps torch's default."""
+    progress: bool = True
+    """Show progress bars."""
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError("train.epochs must be >= 1")
+        if self.lr <= 0:
+            raise ConfigError("train.lr must be > 0")
+        if self.select_mode not in ("", "min", "max"):
+            raise ConfigError("train.select_mode must be 'min' or 'max'")
+        if not self.seeds:
+            raise ConfigError("train.seeds must name at least one seed")
+
+
+@dataclass
+class ExperimentConfig:
+    model: Any
+    """The model's own Config dataclass instance; its class is tied to `model_name`."""
+    model_name: str = DEFAULT_MODEL
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return {
+            "model": {"name": self.model_name, **dataclasses.asdict(self.model)},
+            "data": dataclasses.asdict(self.data),
+            "train": dataclasses.asdict(self.train),
+        }
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def _check_type(value: Any, annotation: Any, where: str) -> Any:
+    """Coerce/validate a YAML value against a field annotation (simple types only)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check_type(value, option, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin in (list, tuple):
+        (inner, *_) = typing.get_args(annotation) or (Any,)
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_check_type(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    if annotation is Any:
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(annotation):
+        return build_dataclass(annotation, value, where)
+    return value
+
+
+def build_dataclass(cls: type, values: dict | Any, where: str):
+    """Build `cls` from a dict strictly: unknown keys and wrongly typed values raise ConfigError."""
+    if dataclasses.is_dataclass(values) and isinstance(values, cls):
+        return values
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})"
+        )
+    kwargs = {k: _check_type(v, hints[k], f"{where}.{k}") for k, v in values.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}") from e
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'model.hidden=64' -> (['model', 'hidden'], 64); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.path=value")
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ConfigError(f"override {text!r} has an empty key")
+    return path, yaml.safe_load(raw) if raw.strip() else ""
+
+
+def _apply(tree: dict, path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {'.'.join(path)}: {part!r} is not a section")
+    node[path[-1]] = value
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from e
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: top level must be a mapping with model/data/train sections")
+    return tree
+
+
+def build_config(tree: dict | None = None, overrides: list[str] = ()) -> ExperimentConfig:
+    """Build an ExperimentConfig from a (YAML) tree and `a.b=value` overrides, strictly."""
+    tree = dict(tree or {})
+    for text in overrides:
+        _apply(tree, *parse_override(text))
+    unknown = sorted(set(tree) - {"model", "data", "train"})
+    if unknown:
+        raise ConfigError(f"config: unknown section {unknown[0]!r} (known: data, model, train)")
+    model_tree = dict(tree.get("model") or {})
+    name = model_tree.pop("name", DEFAULT_MODEL)
+    try:
+        entry = get_model_entry(name)
+    except KeyError as e:
+        raise ConfigError(f"model.name: {e.args[0]}") from e
+    return ExperimentConfig(
+        model=build_dataclass(entry.config_cls, model_tree, "model"),
+        model_name=name,
+        data=build_dataclass(DataConfig, tree.get("data"), "data"),
+        train=build_dataclass(TrainConfig, tree.get("train"), "train"),
+    )

@@ -1,0 +1,60 @@
+"""Dataset registry: `@register_dataset(name)` on a loader `fn(cfg: DataConfig) -> MultimodalData`.
+
+Loaders are imported at the bottom so that registering is a side effect of importing this package.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from msakit.data.base import (
+    DataError,
+    DatasetInfo,
+    MultimodalData,
+    SplitArrays,
+    to_loader,
+    validate,
+)
+
+if TYPE_CHECKING:
+    from msakit.config import DataConfig
+
+_LOADERS: dict[str, Callable[[DataConfig], MultimodalData]] = {}
+_DESCRIPTIONS: dict[str, str] = {}
+
+
+def register_dataset(name: str):
+    def decorator(fn: Callable[[DataConfig], MultimodalData]):
+        if name in _LOADERS:
+            raise ValueError(f"dataset {name!r} registered twice")
+        _LOADERS[name] = fn
+        _DESCRIPTIONS[name] = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
+        return fn
+
+    return decorator
+
+
+def list_datasets() -> dict[str, str]:
+    """name -> one-line description."""
+    return dict(sorted(_DESCRIPTIONS.items()))
+
+
+def load_dataset(cfg: DataConfig) -> MultimodalData:
+    if cfg.name not in _LOADERS:
+        raise DataError(f"unknown dataset {cfg.name!r}; known: {', '.join(sorted(_LOADERS))}")
+    return validate(_LOADERS[cfg.name](cfg))
+
+
+from msakit.data import mmsa, mosi_poria, mult, synthetic  # noqa: E402, F401  (registration)
+
+__all__ = [
+    "DataError",
+    "DatasetInfo",
+    "MultimodalData",
+    "SplitArrays",
+    "list_datasets",
+    "load_dataset",
+    "register_dataset",
+    "to_loader",
+]

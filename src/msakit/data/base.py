@@ -1,0 +1,220 @@
+"""Dataset description and in-memory split storage shared by every loader.
+
+A loader returns `MultimodalData`: a `DatasetInfo` plus three `SplitArrays` (train/valid/test)
+of padded numpy arrays. `to_loader` turns a split into a torch DataLoader of `Batch`es.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from msakit.batch import MODALITIES, Batch
+
+log = logging.getLogger(__name__)
+
+TASKS = ("regression", "classification", "multi_binary")
+METRIC_FAMILIES = ("mosi", "sims", "iemocap", "multiclass")
+SPLITS = ("train", "valid", "test")
+
+
+class DataError(ValueError):
+    """Bad input data. The message names the file/field and the problem."""
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a model needs to know about its data.
+
+    task: "regression" (labels [N] float), "classification" (labels [N] int in [0, num_classes)),
+        or "multi_binary" (labels [N, T] int in {0, 1}; T binary tasks such as IEMOCAP's 4 emotions).
+    num_classes: 1 for regression; K for classification; 2 for multi_binary.
+    num_tasks: T for multi_binary, else 1.
+    feature_dims / max_lengths: per modality, keys "text", "audio", "vision".
+    label_range: (low, high) for regression labels, None for classes.
+    metric_family: which metric set applies: "mosi", "sims", "iemocap", "multiclass".
+    class_names: names of the classes (or of the T tasks for multi_binary).
+    """
+
+    name: str
+    task: str
+    feature_dims: dict[str, int]
+    max_lengths: dict[str, int]
+    metric_family: str
+    num_classes: int = 1
+    num_tasks: int = 1
+    label_range: tuple[float, float] | None = None
+    class_names: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"DatasetInfo.task must be one of {TASKS}, got {self.task!r}")
+        if self.metric_family not in METRIC_FAMILIES:
+            raise ValueError(f"DatasetInfo.metric_family must be one of {METRIC_FAMILIES}")
+        for key in ("feature_dims", "max_lengths"):
+            if set(getattr(self, key)) != set(MODALITIES):
+                raise ValueError(f"DatasetInfo.{key} needs exactly the keys {MODALITIES}")
+
+    @property
+    def output_dim(self) -> int:
+        """Width of a model's final layer: 1, K, or 2*T."""
+        if self.task == "regression":
+            return 1
+        if self.task == "classification":
+            return self.num_classes
+        return 2 * self.num_tasks
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "task": self.task,
+            "feature_dims": dict(self.feature_dims),
+            "max_lengths": dict(self.max_lengths),
+            "metric_family": self.metric_family,
+            "num_classes": self.num_classes,
+            "num_tasks": self.num_tasks,
+            "label_range": list(self.label_range) if self.label_range else None,
+            "class_names": list(self.class_names),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DatasetInfo:
+        d = dict(d)
+        if d.get("label_range") is not None:
+            d["label_range"] = tuple(d["label_range"])
+        d["class_names"] = tuple(d.get("class_names", ()))
+        return cls(**d)
+
+
+@dataclass
+class SplitArrays:
+    """One split, padded. features[m]: [N, L_m, D_m] float32; lengths[m]: [N] int64 (>= 1);
+    labels: [N] float32 / int64, or [N, T] int64; ids: N strings."""
+
+    features: dict[str, np.ndarray]
+    lengths: dict[str, np.ndarray]
+    labels: np.ndarray
+    ids: list[str]
+    texts: list[str] | None = None  # raw transcripts where the source has them
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, rows: np.ndarray) -> SplitArrays:
+        return SplitArrays(
+            features={m: a[rows] for m, a in self.features.items()},
+            lengths={m: a[rows] for m, a in self.lengths.items()},
+            labels=self.labels[rows],
+            ids=[self.ids[i] for i in rows],
+            texts=None if self.texts is None else [self.texts[i] for i in rows],
+        )
+
+
+@dataclass
+class MultimodalData:
+    info: DatasetInfo
+    splits: dict[str, SplitArrays]
+    source: str = ""  # file or folder it came from, for messages and results
+    notes: list[str] = field(default_factory=list)
+
+
+def sanitize_features(array: np.ndarray, where: str) -> np.ndarray:
+    """Replace NaN/+-inf by 0 with a logged count (COVAREP features contain -inf)."""
+    bad = ~np.isfinite(array)
+    count = int(bad.sum())
+    if count:
+        log.warning("%s: replaced %d non-finite feature values (NaN/inf) with 0", where, count)
+        array = np.where(bad, 0.0, array).astype(np.float32)
+    return array
+
+
+def validate(data: MultimodalData) -> MultimodalData:
+    """Check shapes, lengths and labels of every split; raise DataError naming what is wrong."""
+    info, src = data.info, data.source or info.name
+    for split in SPLITS:
+        if split not in data.splits:
+            raise DataError(f"{src}: split {split!r} is missing")
+        arrays = data.splits[split]
+        n = len(arrays)
+        if n == 0:
+            raise DataError(f"{src}: split {split!r} is empty")
+        for m in MODALITIES:
+            feats = arrays.features[m]
+            where = f"{src}: {split}.{m}"
+            if feats.ndim != 3 or feats.shape[0] != n:
+                raise DataError(f"{where} has shape {feats.shape}, expected [{n}, L, D]")
+            if feats.shape[2] != info.feature_dims[m]:
+                raise DataError(
+                    f"{where} has feature dim {feats.shape[2]}, expected {info.feature_dims[m]}"
+                )
+            lengths = arrays.lengths[m]
+            if lengths.shape != (n,) or lengths.min() < 1 or lengths.max() > feats.shape[1]:
+                raise DataError(f"{where}: lengths must be in [1, {feats.shape[1]}]")
+            arrays.features[m] = sanitize_features(feats.astype(np.float32, copy=False), where)
+        labels = arrays.labels
+        where = f"{src}: {split} labels"
+        if info.task == "regression":
+            if not np.all(np.isfinite(labels)):
+                raise DataError(f"{where} contain NaN/inf")
+            low, high = info.label_range or (-np.inf, np.inf)
+            if labels.min() < low - 1e-6 or labels.max() > high + 1e-6:
+                raise DataError(
+                    f"{where} out of range [{low}, {high}]: min {labels.min():.3f}, max {labels.max():.3f}"
+                )
+        else:
+            top = info.num_classes
+            if labels.min() < 0 or labels.max() >= top:
+                raise DataError(f"{where} must be class indices in [0, {top})")
+    return data
+
+
+class _SplitDataset(Dataset):
+    def __init__(self, arrays: SplitArrays, task: str):
+        self.arrays = arrays
+        self.labels = torch.as_tensor(
+            arrays.labels, dtype=torch.float32 if task == "regression" else torch.long
+        )
+        self.features = {m: torch.from_numpy(arrays.features[m]) for m in MODALITIES}
+        self.lengths = {m: torch.as_tensor(arrays.lengths[m], dtype=torch.long) for m in MODALITIES}
+
+    def __len__(self) -> int:
+        return len(self.arrays)
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+    def collate(self, rows: list[int]) -> Batch:
+        idx = torch.as_tensor(rows, dtype=torch.long)
+        parts = {}
+        for m in MODALITIES:
+            lengths = self.lengths[m][idx]
+            steps = int(lengths.max())  # trim to the longest real sequence in the batch
+            parts[m] = self.features[m][idx, :steps]
+            parts[f"{m}_mask"] = torch.arange(steps)[None, :] < lengths[:, None]
+        return Batch(
+            **parts,
+            labels=self.labels[idx],
+            index=idx,
+            ids=[self.arrays.ids[i] for i in rows],
+        )
+
+
+def to_loader(
+    arrays: SplitArrays, info: DatasetInfo, batch_size: int, shuffle: bool, seed: int = 0
+) -> DataLoader:
+    """DataLoader of `Batch`; shuffling is driven by a generator seeded with `seed` only, so a
+    resumed run sees the same order as an uninterrupted one."""
+    dataset = _SplitDataset(arrays, info.task)
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        collate_fn=dataset.collate,
+        num_workers=0,
+    )

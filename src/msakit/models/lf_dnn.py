@@ -1,0 +1,63 @@
+"""LF-DNN: late-fusion deep network (the MMSA baseline of that name).
+
+Each modality is pooled over its real frames and encoded by its own MLP; the three vectors are
+concatenated and an MLP head predicts.
+
+Shapes: text/audio/vision [B, L_m, D_m] -> per-modality [B, H_m] -> concat [B, H_t+H_a+H_v]
+-> head [B, fusion_hidden] -> [B, output_dim].
+
+Deviations from MMSA's LF_DNN: no BatchNorm on the pooled inputs (features are standardised by
+the loader; BatchNorm breaks single-sample training batches); masked mean pooling over time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from msakit.batch import MODALITIES, Batch, ModelOutput
+from msakit.data.base import DatasetInfo
+from msakit.models.base import task_output
+from msakit.modules.encoders import PooledMLPEncoder
+from msakit.registry import register_model
+
+
+@dataclass
+class LFDNNConfig:
+    text_hidden: int = 64
+    audio_hidden: int = 32
+    vision_hidden: int = 32
+    fusion_hidden: int = 64
+    dropout: float = 0.3
+    """Dropout on the pooled inputs of each modality encoder."""
+    fusion_dropout: float = 0.3
+    """Dropout on the concatenated modality vectors."""
+
+    @classmethod
+    def tiny(cls) -> LFDNNConfig:
+        return cls(text_hidden=8, audio_hidden=4, vision_hidden=4, fusion_hidden=8)
+
+
+@register_model("lf_dnn", config=LFDNNConfig)
+class LFDNN(nn.Module):
+    """LF-DNN: per-modality MLP encoders, concatenation, MLP head."""
+
+    def __init__(self, cfg: LFDNNConfig, info: DatasetInfo):
+        super().__init__()
+        self.cfg, self.info = cfg, info
+        hidden = {"text": cfg.text_hidden, "audio": cfg.audio_hidden, "vision": cfg.vision_hidden}
+        self.encoders = nn.ModuleDict(
+            {m: PooledMLPEncoder(info.feature_dims[m], hidden[m], cfg.dropout) for m in MODALITIES}
+        )
+        self.head = nn.Sequential(
+            nn.Dropout(cfg.fusion_dropout),
+            nn.Linear(sum(hidden.values()), cfg.fusion_hidden),
+            nn.ReLU(),
+            nn.Linear(cfg.fusion_hidden, info.output_dim),
+        )
+
+    def forward(self, batch: Batch) -> ModelOutput:
+        encoded = [self.encoders[m](batch.features(m), batch.mask(m)) for m in MODALITIES]
+        return task_output(self.head(torch.cat(encoded, dim=-1)), batch, self.info)

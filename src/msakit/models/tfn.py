@@ -1,0 +1,79 @@
+"""TFN: Tensor Fusion Network (Zadeh et al., EMNLP 2017, "Tensor Fusion Network for Multimodal
+Sentiment Analysis").
+
+Idea: append a constant 1 to each modality vector and take the three-way outer product, so the
+fused tensor holds unimodal, bimodal and trimodal interaction terms; an MLP reads it.
+
+Shapes: text [B, L_t, D_t] -> LSTM (or pooled MLP) -> z_t [B, H_t]; audio/vision -> pooled MLP
+-> z_a [B, H_a], z_v [B, H_v]; fusion [B, (H_t+1)(H_a+1)(H_v+1)] -> MLP -> [B, output_dim].
+
+Deviations: packed (length-aware) LSTM for text instead of the last padded step; no BatchNorm in
+the audio/vision subnets; regression output is not squashed by the original's sigmoid*6-3
+(labels are already in range and L1 is robust).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from msakit.batch import Batch, ModelOutput
+from msakit.data.base import DatasetInfo
+from msakit.models.base import check_choice, task_output
+from msakit.modules.encoders import PooledMLPEncoder, build_encoder
+from msakit.registry import register_model
+
+
+@dataclass
+class TFNConfig:
+    text_encoder: str = "lstm"
+    """'lstm' (packed LSTM, as in the paper) or 'mlp' (masked mean + MLP)."""
+    text_hidden: int = 32
+    audio_hidden: int = 8
+    vision_hidden: int = 8
+    fusion_hidden: int = 64
+    dropout: float = 0.2
+    fusion_dropout: float = 0.3
+
+    def __post_init__(self) -> None:
+        check_choice("model.text_encoder", self.text_encoder, ("lstm", "mlp"))
+
+    @classmethod
+    def tiny(cls) -> TFNConfig:
+        return cls(text_hidden=4, audio_hidden=2, vision_hidden=2, fusion_hidden=8)
+
+
+def append_one(z: torch.Tensor) -> torch.Tensor:
+    """[B, H] -> [B, H + 1] with a trailing constant 1."""
+    return torch.cat([z, z.new_ones(z.shape[0], 1)], dim=-1)
+
+
+@register_model("tfn", config=TFNConfig)
+class TFN(nn.Module):
+    """TFN: three-way outer-product tensor fusion of [z; 1] modality vectors."""
+
+    def __init__(self, cfg: TFNConfig, info: DatasetInfo):
+        super().__init__()
+        self.cfg, self.info = cfg, info
+        dims = info.feature_dims
+        self.text_encoder = build_encoder(cfg.text_encoder, dims["text"], cfg.text_hidden, cfg.dropout)
+        self.audio_encoder = PooledMLPEncoder(dims["audio"], cfg.audio_hidden, cfg.dropout)
+        self.vision_encoder = PooledMLPEncoder(dims["vision"], cfg.vision_hidden, cfg.dropout)
+        fused = (cfg.text_hidden + 1) * (cfg.audio_hidden + 1) * (cfg.vision_hidden + 1)
+        self.head = nn.Sequential(
+            nn.Dropout(cfg.fusion_dropout),
+            nn.Linear(fused, cfg.fusion_hidden),
+            nn.ReLU(),
+            nn.Linear(cfg.fusion_hidden, cfg.fusion_hidden),
+            nn.ReLU(),
+            nn.Linear(cfg.fusion_hidden, info.output_dim),
+        )
+
+    def forward(self, batch: Batch) -> ModelOutput:
+        z_text = append_one(self.text_encoder(batch.text, batch.text_mask))  # [B, H_t+1]
+        z_audio = append_one(self.audio_encoder(batch.audio, batch.audio_mask))  # [B, H_a+1]
+        z_vision = append_one(self.vision_encoder(batch.vision, batch.vision_mask))  # [B, H_v+1]
+        fused = torch.einsum("bt,ba,bv->btav", z_text, z_audio, z_vision).flatten(1)
+        return task_output(self.head(fused), batch, self.info)

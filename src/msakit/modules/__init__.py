@@ -1,0 +1,5 @@
+"""Blocks shared by two or more models."""
+
+from msakit.modules.pooling import masked_mean, masked_max
+
+__all__ = ["masked_max", "masked_mean"]

@@ -1,0 +1,274 @@
+"""The training loop: one function, read top to bottom; it knows no model by name.
+
+A model returns `ModelOutput(prediction, losses)`; the loop sums the named loss terms, logs each,
+selects the checkpoint on the VALIDATION split and evaluates the test split once, for that
+checkpoint. Optional model hooks (all generic, none model-specific):
+    model.parameter_groups(train_cfg) -> list of optimiser param-group dicts (own learning rates)
+    model.on_epoch_end(epoch, valid_metrics) -> dict of scalars to log (phase switches, gates...)
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from msakit.batch import Batch
+from msakit.config import ExperimentConfig
+from msakit.data import MultimodalData, to_loader
+from msakit.data.base import DatasetInfo, SplitArrays
+from msakit.metrics import SELECTION_DEFAULTS, compute_metrics, is_better
+from msakit.registry import create_model
+from msakit.train.checkpoint import (
+    CHECKPOINT_FORMAT,
+    load_checkpoint,
+    save_checkpoint,
+    write_json,
+    write_text,
+)
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss became NaN); the message says where."""
+
+
+@dataclass
+class SeedResult:
+    seed: int
+    valid: dict[str, float]
+    test: dict[str, float]
+    best_epoch: int
+    history: list[dict] = field(default_factory=list)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainingError(f"train.device={name!r} but no CUDA device is available")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def selection_rule(cfg: ExperimentConfig, info: DatasetInfo) -> tuple[str, str]:
+    """(metric, mode) that selects the checkpoint on the validation split."""
+    default_metric, default_mode = SELECTION_DEFAULTS[info.metric_family]
+    metric = cfg.train.select_metric or default_metric
+    if cfg.train.select_mode:
+        return metric, cfg.train.select_mode
+    if metric == default_metric:
+        return metric, default_mode
+    return metric, "min" if metric in ("mae", "loss") else "max"
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, arrays: SplitArrays, info: DatasetInfo, batch_size: int, device: torch.device
+) -> tuple[np.ndarray, float]:
+    """Predictions for a whole split, in order, and the mean total loss."""
+    model.eval()
+    outputs, total, count = [], 0.0, 0
+    for batch in to_loader(arrays, info, batch_size, shuffle=False):
+        batch = batch.to(device)
+        out = model(batch)
+        outputs.append(out.prediction.float().cpu().numpy())
+        if out.losses:
+            total += float(sum(out.losses.values())) * batch.size
+            count += batch.size
+    return np.concatenate(outputs), total / max(count, 1)
+
+
+def evaluate(
+    model: nn.Module, arrays: SplitArrays, info: DatasetInfo, batch_size: int, device: torch.device
+) -> tuple[dict[str, float], np.ndarray]:
+    prediction, loss = predict(model, arrays, info, batch_size, device)
+    metrics = compute_metrics(
+        info.metric_family,
+        prediction,
+        arrays.labels,
+        num_classes=info.num_classes,
+        class_names=info.class_names,
+    )
+    metrics["loss"] = loss
+    return metrics, prediction
+
+
+def predictions_csv(arrays: SplitArrays, prediction: np.ndarray, info: DatasetInfo) -> str:
+    """Per-sample predictions: id, label, prediction (classes: predicted index and scores)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    if info.task == "regression":
+        writer.writerow(["id", "label", "prediction"])
+        for i, sample_id in enumerate(arrays.ids):
+            writer.writerow([sample_id, f"{arrays.labels[i]:.6g}", f"{prediction[i]:.6g}"])
+    elif info.task == "classification":
+        writer.writerow(["id", "label", "prediction", *[f"score_{k}" for k in range(info.num_classes)]])
+        for i, sample_id in enumerate(arrays.ids):
+            scores = [f"{s:.6g}" for s in prediction[i]]
+            writer.writerow([sample_id, int(arrays.labels[i]), int(prediction[i].argmax()), *scores])
+    else:
+        names = info.class_names or tuple(f"task{t}" for t in range(info.num_tasks))
+        writer.writerow(["id", *[f"{n}_label" for n in names], *[f"{n}_prediction" for n in names]])
+        for i, sample_id in enumerate(arrays.ids):
+            writer.writerow(
+                [sample_id, *arrays.labels[i].tolist(), *prediction[i].argmax(-1).tolist()]
+            )
+    return buffer.getvalue()
+
+
+def build_optimizer(model: nn.Module, cfg: ExperimentConfig) -> torch.optim.Optimizer:
+    if hasattr(model, "parameter_groups"):
+        groups = model.parameter_groups(cfg.train)
+    else:
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+
+
+def checkpoint_state(cfg: ExperimentConfig, info: DatasetInfo, seed: int, **extra) -> dict:
+    return {"format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "info": info.to_dict(), "seed": seed, **extra}
+
+
+def _resumable(config: dict) -> dict:
+    """The parts of a config that must match for a resume (more epochs, another device are fine)."""
+    train = {k: v for k, v in config["train"].items() if k not in ("epochs", "progress", "device", "seeds")}
+    return {**config, "train": train}
+
+
+def _state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def fit(
+    cfg: ExperimentConfig,
+    data: MultimodalData,
+    seed: int,
+    run_dir: str | Path,
+    resume: bool = False,
+) -> SeedResult:
+    """Train one seed; select on validation; evaluate test once. Writes into `run_dir`:
+    last.pt (resumable state, every epoch), best.pt (selected model), log.jsonl (per epoch),
+    predictions_test.csv, metrics.json."""
+    run_dir = Path(run_dir)
+    info, train_cfg = data.info, cfg.train
+    device = resolve_device(train_cfg.device)
+    metric, mode = selection_rule(cfg, info)
+    seed_everything(seed)
+    model = create_model(cfg.model_name, cfg.model, info).to(device)
+    optimizer = build_optimizer(model, cfg)
+
+    start_epoch, best_value, best_epoch, bad_epochs, history = 0, None, -1, 0, []
+    best_state = _state_copy(model)
+    last_path = run_dir / "last.pt"
+    if resume and last_path.is_file():
+        state = load_checkpoint(last_path)
+        if _resumable(state["config"]) != _resumable(cfg.to_dict()):
+            raise TrainingError(f"{last_path}: saved with a different config; resume needs the same one")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        best_state, best_value = state["best_state"], state["best_value"]
+        start_epoch, best_epoch = state["epoch"], state["best_epoch"]
+        bad_epochs, history = state["bad_epochs"], state["history"]
+        log.info("seed %d: resumed from %s at epoch %d", seed, last_path, start_epoch)
+    stopped = bool(history) and history[-1].get("stopped", False)
+
+    for epoch in range(start_epoch, train_cfg.epochs):
+        if stopped:
+            break
+        started = time.perf_counter()
+        model.train()
+        terms: dict[str, float] = {}
+        steps = 0
+        loader = to_loader(data.splits["train"], info, cfg.data.batch_size, True, seed * 100_003 + epoch)
+        bar = tqdm(loader, desc=f"seed {seed} epoch {epoch + 1}/{train_cfg.epochs}",
+                   leave=False, disable=not train_cfg.progress)
+        for batch in bar:
+            batch: Batch = batch.to(device)
+            out = model(batch)
+            if not out.losses:
+                raise TrainingError(f"model {cfg.model_name!r} returned no loss terms")
+            loss = sum(out.losses.values())
+            if not torch.isfinite(loss):
+                detail = ", ".join(f"{k}={float(v):.4g}" for k, v in out.losses.items())
+                raise TrainingError(
+                    f"loss became {float(loss)} at epoch {epoch + 1}, step {steps + 1} ({detail}); "
+                    "lower train.lr or check the data"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if train_cfg.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
+            optimizer.step()
+            steps += 1
+            for name, value in out.losses.items():
+                terms[name] = terms.get(name, 0.0) + float(value.detach())
+            bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+
+        valid_metrics, _ = evaluate(model, data.splits["valid"], info, cfg.data.batch_size, device)
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": sum(terms.values()) / max(steps, 1),
+            **{f"train_{k}": v / max(steps, 1) for k, v in terms.items()},
+            **{f"valid_{k}": v for k, v in valid_metrics.items()},
+            "seconds": time.perf_counter() - started,
+        }
+        if hasattr(model, "on_epoch_end"):
+            record.update(model.on_epoch_end(epoch + 1, valid_metrics) or {})
+        value = valid_metrics.get(metric, math.nan)
+        if metric not in valid_metrics:
+            raise TrainingError(f"train.select_metric {metric!r} is not a validation metric: {sorted(valid_metrics)}")
+        if is_better(value, best_value, mode):
+            best_value, best_epoch, bad_epochs = value, epoch + 1, 0
+            best_state = _state_copy(model)
+        else:
+            bad_epochs += 1
+        record["selected"] = best_epoch == epoch + 1
+        record["stopped"] = bad_epochs >= train_cfg.patience
+        history.append(record)
+        log.info("seed %d epoch %d: train %.4f valid %s %.4f%s", seed, epoch + 1,
+                 record["train_loss"], metric, value, " *" if record["selected"] else "")
+        save_checkpoint(
+            checkpoint_state(
+                cfg, info, seed,
+                epoch=epoch + 1, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                rng=torch.get_rng_state(), best_state=best_state, best_value=best_value,
+                best_epoch=best_epoch, bad_epochs=bad_epochs, history=history,
+            ),
+            last_path,
+        )
+        write_text("".join(_json_line(r) for r in history), run_dir / "log.jsonl")
+        stopped = record["stopped"]
+
+    model.load_state_dict(best_state)
+    save_checkpoint(checkpoint_state(cfg, info, seed, model=best_state, best_epoch=best_epoch), run_dir / "best.pt")
+    valid_metrics, _ = evaluate(model, data.splits["valid"], info, cfg.data.batch_size, device)
+    test_metrics, test_prediction = evaluate(model, data.splits["test"], info, cfg.data.batch_size, device)
+    write_text(predictions_csv(data.splits["test"], test_prediction, info), run_dir / "predictions_test.csv")
+    result = SeedResult(seed, valid_metrics, test_metrics, best_epoch, history)
+    write_json({"seed": seed, "best_epoch": best_epoch, "valid": valid_metrics, "test": test_metrics},
+               run_dir / "metrics.json")
+    return result
+
+
+def _json_line(record: dict) -> str:
+    return json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                       for k, v in record.items()}) + "\n"

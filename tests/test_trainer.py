@@ -1,0 +1,131 @@
+"""Trainer: selection on validation, resume == uninterrupted, determinism, loud NaN, outputs."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from fakes import make_data
+
+import msakit.train.loop as loop
+from msakit.config import build_config
+from msakit.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from msakit.train.experiment import run_experiment
+from msakit.train.loop import TrainingError
+
+
+def config(*sets: str, model: str = "lf_dnn"):
+    return build_config({"model": {"name": model}}, ["train.progress=false", "data.batch_size=16", *sets])
+
+
+def test_results_json_layout_and_files(tmp_path):
+    results = run_experiment(config("train.epochs=3", "train.seeds=[1, 2]"), tmp_path, data=make_data())
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["model"] == "lf_dnn" and saved["dataset"] == "fake-regression"
+    assert saved["seeds"] == [1, 2] and [r["seed"] for r in saved["per_seed"]] == [1, 2]
+    keys = {"mae", "corr", "acc7", "acc5", "has0_acc2", "has0_f1", "non0_acc2", "non0_f1"}
+    assert keys <= set(saved["test_mean"]) and keys <= set(saved["test_std"])
+    maes = [r["test"]["mae"] for r in results["per_seed"]]
+    assert saved["test_mean"]["mae"] == pytest.approx(np.mean(maes))
+    assert saved["test_std"]["mae"] == pytest.approx(np.std(maes))  # population std
+    assert saved["selection"] == {"split": "valid", "metric": "mae", "mode": "min"}
+    rows = list(csv.DictReader((tmp_path / "seed_1" / "predictions_test.csv").open()))
+    assert len(rows) == 16 and set(rows[0]) == {"id", "label", "prediction"}
+    epochs = (tmp_path / "seed_1" / "log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in epochs] == [1, 2, 3]
+
+
+def test_selects_the_best_validation_epoch_and_evaluates_that_model(tmp_path):
+    results = run_experiment(config("train.epochs=6", "train.patience=100"), tmp_path, data=make_data())
+    history = [json.loads(x) for x in (tmp_path / "seed_1" / "log.jsonl").read_text().splitlines()]
+    best = min(history, key=lambda r: r["valid_mae"])
+    assert results["per_seed"][0]["best_epoch"] == best["epoch"]
+    assert results["per_seed"][0]["valid"]["mae"] == pytest.approx(best["valid_mae"], abs=1e-6)
+
+
+def test_early_stopping(tmp_path):
+    run_experiment(config("train.epochs=50", "train.patience=2", "train.lr=0.5"), tmp_path, data=make_data())
+    history = [json.loads(x) for x in (tmp_path / "seed_1" / "log.jsonl").read_text().splitlines()]
+    assert len(history) < 50 and history[-1]["stopped"]
+
+
+def test_same_seed_same_result_different_seed_different(tmp_path):
+    data = make_data()
+    a = run_experiment(config("train.epochs=3"), tmp_path / "a", data=data)
+    b = run_experiment(config("train.epochs=3"), tmp_path / "b", data=data)
+    c = run_experiment(config("train.epochs=3", "train.seeds=[7]"), tmp_path / "c", data=data)
+    assert a["test_mean"] == b["test_mean"]
+    assert a["test_mean"]["mae"] != c["test_mean"]["mae"]
+
+
+@pytest.mark.parametrize("model", ["lf_dnn", "tfn"])
+def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypatch, model):
+    data = make_data()
+    whole = run_experiment(config("train.epochs=4", "train.patience=100", model=model), tmp_path / "whole", data=data)
+
+    real_save = loop.save_checkpoint
+    calls = {"n": 0}
+
+    def crash_after_two_epochs(state, path):
+        real_save(state, path)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # the process dies right after epoch 2 was checkpointed
+
+    monkeypatch.setattr(loop, "save_checkpoint", crash_after_two_epochs)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(config("train.epochs=4", "train.patience=100", model=model), tmp_path / "cut", data=data)
+    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    assert load_checkpoint(tmp_path / "cut" / "seed_1" / "last.pt")["epoch"] == 2
+    resumed = run_experiment(
+        config("train.epochs=4", "train.patience=100", model=model), tmp_path / "cut", resume=True, data=data
+    )
+    assert resumed["per_seed"][0]["test"] == whole["per_seed"][0]["test"]
+    a = load_checkpoint(tmp_path / "whole" / "seed_1" / "best.pt")["model"]
+    b = load_checkpoint(tmp_path / "cut" / "seed_1" / "best.pt")["model"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    data = make_data()
+    run_experiment(config("train.epochs=1"), tmp_path, data=data)
+    with pytest.raises(TrainingError, match="different config"):
+        run_experiment(config("train.epochs=2", "train.lr=0.1"), tmp_path, resume=True, data=data)
+
+
+def test_nan_loss_is_a_loud_error(tmp_path):
+    data = make_data()
+    data.splits["train"].features["text"][:] = np.nan  # bypasses the loader's sanitising on purpose
+    with pytest.raises(TrainingError, match="loss became nan"):
+        run_experiment(config("train.epochs=2"), tmp_path, data=data)
+
+
+@pytest.mark.parametrize("task,key", [("classification", "f1_macro"), ("multi_binary", "mean_f1")])
+def test_classification_tasks_select_on_their_metric(tmp_path, task, key):
+    results = run_experiment(config("train.epochs=2"), tmp_path, data=make_data(task))
+    assert results["selection"]["metric"] == key and results["selection"]["mode"] == "max"
+    assert key in results["test_mean"]
+
+
+def test_checkpoint_loading_refuses_pickled_code(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    torch.save({"format": 1, "evil": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="evil.pt"):
+        load_checkpoint(tmp_path / "evil.pt")
+
+
+def test_checkpoint_errors_name_the_file(tmp_path):
+    with pytest.raises(CheckpointError, match="missing.pt: checkpoint not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="junk.pt"):
+        load_checkpoint(tmp_path / "junk.pt")
+    save_checkpoint({"format": 1, "x": torch.ones(2)}, tmp_path / "ok.pt")
+    assert not list(tmp_path.glob(".ok.pt.*.tmp"))  # atomic write leaves no temp file
