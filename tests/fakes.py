@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from msakit.batch import MODALITIES
-from msakit.data.base import DatasetInfo, MultimodalData, SplitArrays
+from msakit.data.base import DatasetInfo, MultimodalData, SplitArrays, validate
 
 DIMS = {"text": 6, "audio": 4, "vision": 5}
 LENGTHS = {"text": 7, "audio": 9, "vision": 8}
@@ -45,4 +45,6 @@ def make_data(task: str = "regression", sizes=(48, 16, 16), seed: int = 0) -> Mu
     rng = np.random.default_rng(seed)
     info = make_info(task)
     splits = {s: make_split(info, n, rng) for s, n in zip(("train", "valid", "test"), sizes)}
-    return MultimodalData(info, splits, source="fake")
+    for arrays in splits.values():  # utterances of four consecutive samples share a video
+        arrays.groups = np.arange(len(arrays)) // 4
+    return validate(MultimodalData(info, splits, source="fake"))

@@ -5,6 +5,9 @@ Shapes (B batch, L_m sequence length of modality m, D_m feature size):
     *_mask [B, L_m] bool, True on real frames, False on padding.
     labels regression [B] float; classification [B] long; multi-binary (IEMOCAP) [B, T] long.
     index  [B] long, the sample's position in its split (models with per-sample memory use it).
+    group  [B] long or None: which video of the batch each utterance belongs to, when the loader
+           batches whole videos (`to_loader(whole_videos=True)`); utterances of a video are
+           contiguous and in temporal order.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ class Batch:
     labels: torch.Tensor
     index: torch.Tensor
     ids: list[str] = field(default_factory=list)
+    group: torch.Tensor | None = None
 
     @property
     def size(self) -> int:

@@ -6,6 +6,7 @@ of padded numpy arrays. `to_loader` turns a split into a torch DataLoader of `Ba
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 
@@ -49,6 +50,8 @@ class DatasetInfo:
     num_tasks: int = 1
     label_range: tuple[float, float] | None = None
     class_names: tuple[str, ...] = ()
+    train_size: int = 0
+    """Number of training samples (models with per-sample memory, e.g. Self-MM, size buffers by it)."""
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -79,6 +82,7 @@ class DatasetInfo:
             "num_tasks": self.num_tasks,
             "label_range": list(self.label_range) if self.label_range else None,
             "class_names": list(self.class_names),
+            "train_size": self.train_size,
         }
 
     @classmethod
@@ -100,6 +104,9 @@ class SplitArrays:
     labels: np.ndarray
     ids: list[str]
     texts: list[str] | None = None  # raw transcripts where the source has them
+    groups: np.ndarray | None = None
+    """[N] int: which video each utterance belongs to (utterance-level data); None = each sample
+    is its own group. Samples of one group are stored in temporal order."""
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -111,6 +118,7 @@ class SplitArrays:
             labels=self.labels[rows],
             ids=[self.ids[i] for i in rows],
             texts=None if self.texts is None else [self.texts[i] for i in rows],
+            groups=None if self.groups is None else self.groups[rows],
         )
 
 
@@ -169,6 +177,7 @@ def validate(data: MultimodalData) -> MultimodalData:
             top = info.num_classes
             if labels.min() < 0 or labels.max() >= top:
                 raise DataError(f"{where} must be class indices in [0, {top})")
+    data.info = dataclasses.replace(info, train_size=len(data.splits["train"]))
     return data
 
 
@@ -187,6 +196,14 @@ class _SplitDataset(Dataset):
     def __getitem__(self, i: int) -> int:
         return i
 
+    def collate_groups(self, groups: list[list[int]]) -> Batch:
+        """Whole videos: their utterances in order, and `group` numbering the video in the batch."""
+        batch = self.collate([row for rows in groups for row in rows])
+        batch.group = torch.cat(
+            [torch.full((len(rows),), g, dtype=torch.long) for g, rows in enumerate(groups)]
+        )
+        return batch
+
     def collate(self, rows: list[int]) -> Batch:
         idx = torch.as_tensor(rows, dtype=torch.long)
         parts = {}
@@ -203,13 +220,42 @@ class _SplitDataset(Dataset):
         )
 
 
+def video_groups(arrays: SplitArrays) -> list[list[int]]:
+    """Row indices of each video, in first-appearance order (one row per group without `groups`)."""
+    if arrays.groups is None:
+        return [[i] for i in range(len(arrays))]
+    order: dict[int, list[int]] = {}
+    for row, group in enumerate(arrays.groups.tolist()):
+        order.setdefault(group, []).append(row)
+    return list(order.values())
+
+
 def to_loader(
-    arrays: SplitArrays, info: DatasetInfo, batch_size: int, shuffle: bool, seed: int = 0
+    arrays: SplitArrays,
+    info: DatasetInfo,
+    batch_size: int,
+    shuffle: bool,
+    seed: int = 0,
+    whole_videos: bool = False,
 ) -> DataLoader:
     """DataLoader of `Batch`; shuffling is driven by a generator seeded with `seed` only, so a
-    resumed run sees the same order as an uninterrupted one."""
+    resumed run sees the same order as an uninterrupted one.
+
+    whole_videos: each batch holds `batch_size` whole VIDEOS (all their utterances, in order) and
+    `Batch.group` [B] says which video of the batch each utterance belongs to. Contextual models
+    (bc-LSTM) need this; predictions and metrics stay per utterance."""
     dataset = _SplitDataset(arrays, info.task)
     generator = torch.Generator().manual_seed(seed) if shuffle else None
+    if whole_videos:
+        groups = video_groups(arrays)
+        return DataLoader(
+            groups,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            collate_fn=dataset.collate_groups,
+            num_workers=0,
+        )
     return DataLoader(
         dataset,
         batch_size=batch_size,

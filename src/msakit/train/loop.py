@@ -86,15 +86,19 @@ def predict(
 ) -> tuple[np.ndarray, float]:
     """Predictions for a whole split, in order, and the mean total loss."""
     model.eval()
-    outputs, total, count = [], 0.0, 0
-    for batch in to_loader(arrays, info, batch_size, shuffle=False):
+    outputs, rows, total, count = [], [], 0.0, 0
+    whole_videos = getattr(model, "whole_videos", False)
+    for batch in to_loader(arrays, info, batch_size, shuffle=False, whole_videos=whole_videos):
         batch = batch.to(device)
         out = model(batch)
         outputs.append(out.prediction.float().cpu().numpy())
+        rows.append(batch.index.cpu().numpy())
         if out.losses:
             total += float(sum(out.losses.values())) * batch.size
             count += batch.size
-    return np.concatenate(outputs), total / max(count, 1)
+    prediction = np.empty_like(np.concatenate(outputs))
+    prediction[np.concatenate(rows)] = np.concatenate(outputs)  # back to the split's row order
+    return prediction, total / max(count, 1)
 
 
 def evaluate(
@@ -198,7 +202,10 @@ def fit(
         model.train()
         terms: dict[str, float] = {}
         steps = 0
-        loader = to_loader(data.splits["train"], info, cfg.data.batch_size, True, seed * 100_003 + epoch)
+        loader = to_loader(
+            data.splits["train"], info, cfg.data.batch_size, shuffle=True,
+            seed=seed * 100_003 + epoch, whole_videos=getattr(model, "whole_videos", False),
+        )
         bar = tqdm(loader, desc=f"seed {seed} epoch {epoch + 1}/{train_cfg.epochs}",
                    leave=False, disable=not train_cfg.progress)
         for batch in bar:
@@ -215,6 +222,8 @@ def fit(
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if hasattr(model, "on_after_backward"):
+                model.on_after_backward(batch)
             if train_cfg.grad_clip > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
             optimizer.step()
