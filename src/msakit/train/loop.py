@@ -105,6 +105,8 @@ def evaluate(
     model: nn.Module, arrays: SplitArrays, info: DatasetInfo, batch_size: int, device: torch.device
 ) -> tuple[dict[str, float], np.ndarray]:
     prediction, loss = predict(model, arrays, info, batch_size, device)
+    if not np.all(np.isfinite(prediction)):
+        raise TrainingError(f"the model predicted NaN/inf on {int((~np.isfinite(prediction)).sum())} values")
     metrics = compute_metrics(
         info.metric_family,
         prediction,
