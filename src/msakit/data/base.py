@@ -142,7 +142,8 @@ def sanitize_features(array: np.ndarray, where: str) -> np.ndarray:
 
 def validate(data: MultimodalData) -> MultimodalData:
     """Check shapes, lengths and labels of every split; raise DataError naming what is wrong."""
-    info, src = data.info, data.source or info.name
+    info = data.info
+    src = data.source or info.name
     for split in SPLITS:
         if split not in data.splits:
             raise DataError(f"{src}: split {split!r} is missing")

@@ -1,0 +1,313 @@
+"""MMSA feature pickles (thuiar/MMSA `aligned_50.pkl`, `unaligned_50.pkl`; MOSI, MOSEI, CH-SIMS).
+
+File layout: a dict with "train", "valid", "test", each a dict of arrays (N samples):
+    id                   [N] str, "video$_$clip"
+    raw_text             [N] str (optional here)
+    text                 [N, L_t, D_t] float (frozen BERT features, D_t = 768)
+    text_bert            [N, 3, L_t] (token ids, attention mask, segment ids; optional here)
+    audio                [N, L_a, D_a] float
+    vision               [N, L_v, D_v] float
+    audio_lengths        [N] int (unaligned files only)
+    vision_lengths       [N] int (unaligned files only)
+    regression_labels    [N] float in [-3, 3] (CMU) or [-1, 1] (CH-SIMS)
+    regression_labels_T/A/V   [N] unimodal labels, CH-SIMS only: marks the file as CH-SIMS
+Other keys (annotations, classification_labels of old MMSA files, ...) are ignored.
+
+Lengths (all clipped to [1, L]):
+    text: text_bert[:, 1, :].sum() (the attention mask) when present, else inferred from padding;
+    audio/vision: the stored *_lengths; without them (aligned files) the text lengths when the
+    sequence length equals L_t, else inferred from padding.
+"Inferred from padding" = index of the last frame that is not all-zero, plus one (min 1); a frame
+whose values are all zero or non-finite counts as padding. Using the LAST real frame (not the
+first zero frame) never drops real frames, whichever side the padding is on.
+
+msakit extension (written by `write_mmsa`, ignored by other MMSA readers): an optional top-level
+key "msakit" holding a dict with any of
+    name          dataset name (default: the file stem, e.g. "aligned_50")
+    task          "regression" (default) or "classification"; classification reads the split key
+                  "classification_labels" [N] int instead of regression_labels
+    num_classes   K for classification (default: largest label + 1)
+    class_names   names of the K classes
+    notes         list of strings copied into MultimodalData.notes (e.g. the synthetic oracle)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from msakit.batch import MODALITIES
+from msakit.data import register_dataset
+from msakit.data.base import (
+    SPLITS,
+    DataError,
+    DatasetInfo,
+    MultimodalData,
+    SplitArrays,
+    validate,
+)
+from msakit.data.safe_pickle import load_pickle, save_pickle
+
+if TYPE_CHECKING:
+    from msakit.config import DataConfig
+
+log = logging.getLogger(__name__)
+
+META_KEY = "msakit"
+SIMS_KEYS = ("regression_labels_T", "regression_labels_A", "regression_labels_V")
+_CHUNK = 1024  # samples per block when scanning for padding (bounds temporary memory)
+
+__all__ = [
+    "lengths_from_padding",
+    "load_mmsa",
+    "read_mmsa",
+    "split_to_mmsa",
+    "write_mmsa",
+]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def real_frames(features: np.ndarray) -> np.ndarray:
+    """[N, L, D] -> [N, L] bool: True where a frame has a finite non-zero value."""
+    n, steps = features.shape[:2]
+    real = np.zeros((n, steps), dtype=bool)
+    for start in range(0, n, _CHUNK):
+        block = features[start : start + _CHUNK]
+        real[start : start + _CHUNK] = np.any(np.isfinite(block) & (block != 0), axis=2)
+    return real
+
+
+def last_real_frame(real: np.ndarray) -> np.ndarray:
+    """[N, L] bool -> [N] int64: index of the last True frame + 1; 1 where no frame is real."""
+    steps = real.shape[1]
+    lengths = steps - np.argmax(real[:, ::-1], axis=1)
+    lengths[~real.any(axis=1)] = 1
+    return lengths.astype(np.int64)
+
+
+def lengths_from_padding(*features: np.ndarray) -> np.ndarray:
+    """Real lengths of zero-padded sequences. features: one or more [N, L, D_m] with the same
+    N and L (several = word-aligned modalities, a frame is real if any modality's is).
+    Returns [N] int64 in [1, L]: index of the last not-all-zero frame + 1 (1 if none)."""
+    real = real_frames(features[0])
+    for other in features[1:]:
+        real |= real_frames(other)
+    return last_real_frame(real)
+
+
+def to_float_array(value: Any, where: str) -> np.ndarray:
+    try:
+        array = np.asarray(value, dtype=np.float32)
+    except (TypeError, ValueError) as e:
+        raise DataError(f"{where}: not a numeric array ({e})") from e
+    if not array.flags.writeable:
+        array = array.copy()
+    return array
+
+
+def _strings(value: Any, n: int, where: str) -> list[str]:
+    items = list(np.asarray(value, dtype=object).reshape(-1))
+    if len(items) != n:
+        raise DataError(f"{where} has {len(items)} entries, expected {n}")
+    return [x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x) for x in items]
+
+
+def _clip_lengths(lengths: np.ndarray, steps: int, where: str) -> np.ndarray:
+    lengths = np.rint(lengths).astype(np.int64)
+    bad = int(((lengths < 1) | (lengths > steps)).sum())
+    if bad:
+        log.warning("%s: clipped %d lengths into [1, %d]", where, bad, steps)
+    return np.clip(lengths, 1, steps)
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _read_split(raw: Any, path: Path, split: str, task: str) -> tuple[SplitArrays, bool]:
+    """One split dict -> (SplitArrays, has CH-SIMS unimodal labels)."""
+    if not isinstance(raw, dict):
+        raise DataError(f"{path}: split {split!r} is a {type(raw).__name__}, expected a dict")
+    label_key = "classification_labels" if task == "classification" else "regression_labels"
+    for key in (*MODALITIES, label_key):
+        if key not in raw:
+            raise DataError(f"{path}: {split}.{key} is missing")
+
+    labels = np.asarray(raw[label_key])
+    if labels.ndim == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    if labels.ndim != 1:
+        raise DataError(f"{path}: {split}.{label_key} has shape {labels.shape}, expected [N]")
+    n = labels.shape[0]
+    if task == "classification":
+        as_float = to_float_array(labels, f"{path}: {split}.{label_key}")
+        if not np.all(np.isfinite(as_float)) or np.any(as_float != np.round(as_float)):
+            raise DataError(f"{path}: {split}.{label_key} must hold integer class indices")
+        labels = as_float.astype(np.int64)
+    else:
+        labels = to_float_array(labels, f"{path}: {split}.{label_key}")
+
+    features: dict[str, np.ndarray] = {}
+    for m in MODALITIES:
+        where = f"{path}: {split}.{m}"
+        array = to_float_array(raw[m], where)
+        if array.ndim != 3:
+            raise DataError(f"{where} has shape {array.shape}, expected [N, L, D] (3 dims)")
+        if array.shape[0] != n:
+            raise DataError(f"{where} has {array.shape[0]} samples but {split}.{label_key} has {n}")
+        if array.shape[1] == 0 or array.shape[2] == 0:
+            raise DataError(f"{where} has shape {array.shape}: no frames or no features")
+        features[m] = array
+
+    lengths: dict[str, np.ndarray] = {}
+    steps_t = features["text"].shape[1]
+    if "text_bert" in raw:
+        bert = np.asarray(raw["text_bert"])
+        if bert.ndim != 3 or bert.shape[0] != n or bert.shape[1] != 3 or bert.shape[2] != steps_t:
+            raise DataError(
+                f"{path}: {split}.text_bert has shape {bert.shape}, expected [{n}, 3, {steps_t}]"
+            )
+        mask = to_float_array(bert[:, 1, :], f"{path}: {split}.text_bert")
+        lengths["text"] = _clip_lengths(mask.sum(axis=1), steps_t, f"{path}: {split}.text")
+    else:
+        lengths["text"] = lengths_from_padding(features["text"])
+    for m in ("audio", "vision"):
+        key, steps = f"{m}_lengths", features[m].shape[1]
+        if key in raw:
+            stored = to_float_array(raw[key], f"{path}: {split}.{key}").reshape(-1)
+            if stored.shape[0] != n:
+                raise DataError(
+                    f"{path}: {split}.{key} has {stored.shape[0]} entries, expected {n}"
+                )
+            lengths[m] = _clip_lengths(stored, steps, f"{path}: {split}.{m}")
+        elif steps == steps_t:
+            lengths[m] = lengths["text"].copy()
+        else:
+            lengths[m] = lengths_from_padding(features[m])
+
+    ids = (
+        _strings(raw["id"], n, f"{path}: {split}.id")
+        if "id" in raw
+        else [f"{split}_{i}" for i in range(n)]
+    )
+    texts = _strings(raw["raw_text"], n, f"{path}: {split}.raw_text") if "raw_text" in raw else None
+    arrays = SplitArrays(features=features, lengths=lengths, labels=labels, ids=ids, texts=texts)
+    return arrays, any(key in raw for key in SIMS_KEYS)
+
+
+def read_mmsa(path: str | os.PathLike, name: str | None = None) -> MultimodalData:
+    """Read an MMSA pickle into validated `MultimodalData` (see the module docstring).
+
+    name: dataset name; default the "msakit" metadata's name, else the file stem.
+    CH-SIMS files (with regression_labels_T/A/V) get metric_family "sims" and label_range
+    (-1, 1); others "mosi" and (-3, 3). Raises DataError naming file, split and key.
+    """
+    path = Path(path)
+    data = load_pickle(path)
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: top level is a {type(data).__name__}, expected a dict of splits")
+    meta = data.get(META_KEY) or {}
+    if not isinstance(meta, dict):
+        raise DataError(f"{path}: {META_KEY!r} entry must be a dict")
+    task = meta.get("task", "regression")
+    if task not in ("regression", "classification"):
+        raise DataError(f"{path}: {META_KEY}.task must be 'regression' or 'classification'")
+
+    splits: dict[str, SplitArrays] = {}
+    sims = False
+    for split in SPLITS:
+        if split not in data:
+            raise DataError(f"{path}: split {split!r} is missing (found: {sorted(map(str, data))})")
+        splits[split], has_unimodal = _read_split(data[split], path, split, task)
+        sims = sims or has_unimodal
+
+    train = splits["train"]
+    feature_dims = {m: int(train.features[m].shape[2]) for m in MODALITIES}
+    max_lengths = {m: max(int(s.features[m].shape[1]) for s in splits.values()) for m in MODALITIES}
+    name = name or str(meta.get("name") or path.stem)
+    if task == "classification":
+        top = max((int(s.labels.max()) for s in splits.values() if len(s)), default=0)
+        num_classes = int(meta.get("num_classes") or top + 1)
+        class_names = tuple(meta.get("class_names") or (f"class_{k}" for k in range(num_classes)))
+        info = DatasetInfo(
+            name=name,
+            task="classification",
+            feature_dims=feature_dims,
+            max_lengths=max_lengths,
+            metric_family="multiclass",
+            num_classes=num_classes,
+            class_names=class_names,
+        )
+    else:
+        info = DatasetInfo(
+            name=name,
+            task="regression",
+            feature_dims=feature_dims,
+            max_lengths=max_lengths,
+            metric_family="sims" if sims else "mosi",
+            label_range=(-1.0, 1.0) if sims else (-3.0, 3.0),
+        )
+    notes = [str(note) for note in meta.get("notes", [])]
+    return validate(MultimodalData(info=info, splits=splits, source=str(path), notes=notes))
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def split_to_mmsa(arrays: SplitArrays) -> dict[str, np.ndarray]:
+    """SplitArrays -> one MMSA split dict. Text lengths go into text_bert's mask row (token and
+    segment ids zero), audio/vision lengths into *_lengths; integer labels are written as
+    `classification_labels`, float labels as `regression_labels`."""
+    n = len(arrays)
+    text = arrays.features["text"]
+    mask = np.arange(text.shape[1])[None, :] < arrays.lengths["text"][:, None]
+    text_bert = np.zeros((n, 3, text.shape[1]), dtype=np.float32)
+    text_bert[:, 1, :] = mask
+    out: dict[str, np.ndarray] = {
+        "id": np.array(arrays.ids, dtype=object),
+        "raw_text": np.array(arrays.texts if arrays.texts is not None else [""] * n, dtype=object),
+        "text": text.astype(np.float32),
+        "text_bert": text_bert,
+        "audio": arrays.features["audio"].astype(np.float32),
+        "vision": arrays.features["vision"].astype(np.float32),
+        "audio_lengths": arrays.lengths["audio"].astype(np.int64),
+        "vision_lengths": arrays.lengths["vision"].astype(np.int64),
+    }
+    if np.issubdtype(arrays.labels.dtype, np.integer):
+        out["classification_labels"] = arrays.labels.astype(np.int64)
+    else:
+        out["regression_labels"] = arrays.labels.astype(np.float32)
+    return out
+
+
+def write_mmsa(
+    path: str | os.PathLike,
+    splits: dict[str, dict[str, Any] | SplitArrays],
+    meta: dict[str, Any] | None = None,
+) -> Path:
+    """Write an MMSA pickle atomically. splits: split name -> MMSA split dict (written as is)
+    or SplitArrays (converted by `split_to_mmsa`). meta: optional "msakit" metadata (see the
+    module docstring). Returns the path."""
+    data: dict[str, Any] = {
+        split: split_to_mmsa(value) if isinstance(value, SplitArrays) else dict(value)
+        for split, value in splits.items()
+    }
+    if meta:
+        data[META_KEY] = dict(meta)
+    return save_pickle(data, path)
+
+
+@register_dataset("mmsa")
+def load_mmsa(cfg: DataConfig) -> MultimodalData:
+    """MMSA feature pickle (aligned_50.pkl / unaligned_50.pkl; MOSI, MOSEI, CH-SIMS): data_path."""
+    if not cfg.data_path:
+        raise DataError(
+            "mmsa: data.data_path is not set; point it at an MMSA pickle "
+            "(e.g. data.data_path=/data/MOSI/aligned_50.pkl)"
+        )
+    return read_mmsa(cfg.data_path)
