@@ -50,7 +50,7 @@ def run_one(config: Path, data_root: str, seeds: list[int], out: Path) -> dict:
     from msakit.data import load_dataset, to_loader
     from msakit.registry import create_model
     from msakit.train.experiment import run_experiment
-    from msakit.train.loop import build_optimizer
+    from msakit.train.loop import build_optimizers, default_training_step
 
     torch.set_num_threads(1)
     cfg = build_config(load_yaml(config), [f"data.data_root={data_root}", "train.progress=false",
@@ -60,21 +60,19 @@ def run_one(config: Path, data_root: str, seeds: list[int], out: Path) -> dict:
     results = run_experiment(cfg, out, data=data)
     wall = time.perf_counter() - started
 
-    torch.manual_seed(0)  # throughput: two epochs of plain training steps, second one timed
+    torch.manual_seed(0)  # throughput: two epochs of training steps, the second one timed
     model = create_model(cfg.model_name, cfg.model, data.info).train()
-    optimizer = build_optimizer(model, cfg)
+    optimizers = build_optimizers(model, cfg)
     whole = getattr(model, "whole_videos", False)
     samples, seconds = 0, 0.0
     for epoch in range(2):
         for batch in to_loader(data.splits["train"], data.info, cfg.data.batch_size, True, epoch,
                                whole_videos=whole):
             tick = time.perf_counter()
-            loss = sum(model(batch).losses.values())
-            optimizer.zero_grad()
-            loss.backward()
-            if hasattr(model, "on_after_backward"):
-                model.on_after_backward(batch)
-            optimizer.step()
+            if hasattr(model, "training_step"):
+                model.training_step(batch, optimizers, cfg.train)
+            else:
+                default_training_step(model, batch, optimizers, cfg.train, (epoch, 0))
             if epoch == 1:
                 seconds += time.perf_counter() - tick
                 samples += batch.size

@@ -129,3 +129,66 @@ def test_checkpoint_errors_name_the_file(tmp_path):
         load_checkpoint(tmp_path / "junk.pt")
     save_checkpoint({"format": 1, "x": torch.ones(2)}, tmp_path / "ok.pt")
     assert not list(tmp_path.glob(".ok.pt.*.tmp"))  # atomic write leaves no temp file
+
+
+def test_plateau_scheduler_state_survives_resume(tmp_path):
+    data = make_data()
+    sets = ("train.scheduler=plateau", "train.plateau_patience=0", "train.patience=100")
+    whole = run_experiment(config("train.epochs=4", *sets), tmp_path / "whole", data=data)
+    run_experiment(config("train.epochs=2", *sets), tmp_path / "cut", data=data)
+    resumed = run_experiment(config("train.epochs=4", *sets), tmp_path / "cut", resume=True, data=data)
+    assert resumed["per_seed"][0]["test"] == whole["per_seed"][0]["test"]
+    history = [json.loads(x) for x in (tmp_path / "whole" / "seed_1" / "log.jsonl").read_text().splitlines()]
+    assert history[-1]["lr"] < history[0]["lr"] or all(r["selected"] for r in history)
+
+
+class TwoOptimizerModel(torch.nn.Module):
+    """A model with its own update rule: the generic training_step hook, two optimisers."""
+
+    def __init__(self, info):
+        super().__init__()
+        self.info = info
+        self.first = torch.nn.Linear(info.feature_dims["text"], 1)
+        self.second = torch.nn.Linear(info.feature_dims["audio"], 1)
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+    def forward(self, batch):
+        from msakit.models.base import task_output
+        from msakit.modules import masked_mean
+
+        raw = self.first(masked_mean(batch.text, batch.text_mask)) + self.second(
+            masked_mean(batch.audio, batch.audio_mask))
+        return task_output(raw, batch, self.info)
+
+    def configure_optimizers(self, train_cfg):
+        return {"first": torch.optim.SGD(self.first.parameters(), lr=0.1),
+                "second": torch.optim.Adam(self.second.parameters(), lr=0.01)}
+
+    def training_step(self, batch, optimizers, train_cfg):
+        out = self(batch)
+        for optimizer in optimizers.values():
+            optimizer.zero_grad()
+        sum(out.losses.values()).backward()
+        optimizers["second" if int(self.steps) % 2 else "first"].step()  # alternate updates
+        self.steps += 1
+        return type(out)(out.prediction.detach(), {k: v.detach() for k, v in out.losses.items()})
+
+
+def test_custom_training_step_hook_and_its_resume(tmp_path, monkeypatch):
+    from msakit.registry import create_model as real_create
+
+    data = make_data()
+
+    def create(name, cfg, info):
+        return TwoOptimizerModel(info) if name == "unimodal" else real_create(name, cfg, info)
+
+    monkeypatch.setattr(loop, "create_model", create)
+    sets = ("train.patience=100",)
+    whole = run_experiment(config("train.epochs=3", *sets, model="unimodal"), tmp_path / "whole", data=data)
+    run_experiment(config("train.epochs=1", *sets, model="unimodal"), tmp_path / "cut", data=data)
+    resumed = run_experiment(config("train.epochs=3", *sets, model="unimodal"), tmp_path / "cut",
+                             resume=True, data=data)
+    assert resumed["per_seed"][0]["test"] == whole["per_seed"][0]["test"]
+    state = load_checkpoint(tmp_path / "whole" / "seed_1" / "last.pt")
+    assert set(state["optimizers"]) == {"first", "second"}
+    assert int(state["model"]["steps"]) == 3 * 3  # 48 samples / batch 16 = 3 steps per epoch

@@ -31,6 +31,8 @@ class Batch:
     index: torch.Tensor
     ids: list[str] = field(default_factory=list)
     group: torch.Tensor | None = None
+    texts: list[str] | None = None
+    """Raw transcripts, where the dataset has them (models with their own tokenizer read these)."""
 
     @property
     def size(self) -> int:
@@ -52,7 +54,7 @@ class Batch:
             for f in fields(self)
             if isinstance(getattr(self, f.name), torch.Tensor)
         }
-        return Batch(**moved, ids=self.ids)
+        return Batch(**moved, ids=self.ids, texts=self.texts)
 
 
 @dataclass

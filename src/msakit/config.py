@@ -64,6 +64,10 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     """Max global gradient norm; 0 disables clipping."""
+    scheduler: str = "none"
+    """"none" or "plateau" (ReduceLROnPlateau on the validation selection metric)."""
+    plateau_patience: int = 10
+    plateau_factor: float = 0.5
     patience: int = 8
     """Early stopping: stop after this many epochs without a validation improvement."""
     select_metric: str = ""
@@ -83,6 +87,8 @@ class TrainConfig:
             raise ConfigError("train.epochs must be >= 1")
         if self.lr <= 0:
             raise ConfigError("train.lr must be > 0")
+        if self.scheduler not in ("none", "plateau"):
+            raise ConfigError("train.scheduler must be 'none' or 'plateau'")
         if self.select_mode not in ("", "min", "max"):
             raise ConfigError("train.select_mode must be 'min' or 'max'")
         if not self.seeds:

@@ -218,6 +218,7 @@ class _SplitDataset(Dataset):
             labels=self.labels[idx],
             index=idx,
             ids=[self.arrays.ids[i] for i in rows],
+            texts=None if self.arrays.texts is None else [self.arrays.texts[i] for i in rows],
         )
 
 

@@ -5,6 +5,11 @@ selects the checkpoint on the VALIDATION split and evaluates the test split once
 checkpoint. Optional model hooks (all generic, none model-specific):
     model.parameter_groups(train_cfg) -> list of optimiser param-group dicts (own learning rates)
     model.on_epoch_end(epoch, valid_metrics) -> dict of scalars to log (phase switches, gates...)
+    model.configure_optimizers(train_cfg) -> dict name -> optimiser (models with several)
+    model.training_step(batch, optimizers, train_cfg) -> ModelOutput
+                                     a model with its own update rule (e.g. actor-critic) does its
+                                     own backward/steps here; losses come back detached for logging
+All optimisers' states (and a plateau scheduler's, `train.scheduler=plateau`) are checkpointed.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from msakit.batch import Batch
+from msakit.batch import Batch, ModelOutput
 from msakit.config import ExperimentConfig
 from msakit.data import MultimodalData, to_loader
 from msakit.data.base import DatasetInfo, SplitArrays
@@ -149,6 +154,53 @@ def build_optimizer(model: nn.Module, cfg: ExperimentConfig) -> torch.optim.Opti
     return torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
 
 
+def build_optimizers(model: nn.Module, cfg: ExperimentConfig) -> dict[str, torch.optim.Optimizer]:
+    if hasattr(model, "configure_optimizers"):
+        return model.configure_optimizers(cfg.train)
+    return {"main": build_optimizer(model, cfg)}
+
+
+def build_schedulers(optimizers: dict, cfg: ExperimentConfig, mode: str) -> dict:
+    if cfg.train.scheduler == "none":
+        return {}
+    return {
+        name: torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode=mode, factor=cfg.train.plateau_factor, patience=cfg.train.plateau_patience
+        )
+        for name, optimizer in optimizers.items()
+    }
+
+
+def _check_finite(losses: dict[str, torch.Tensor], epoch: int, step: int) -> None:
+    loss = sum(float(v) for v in losses.values())
+    if not math.isfinite(loss):
+        detail = ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
+        raise TrainingError(
+            f"loss became {loss} at epoch {epoch}, step {step} ({detail}); "
+            "lower train.lr or check the data"
+        )
+
+
+def default_training_step(
+    model: nn.Module, batch: Batch, optimizers: dict[str, torch.optim.Optimizer], train_cfg, where
+) -> ModelOutput:
+    """forward -> check the summed loss is finite -> backward -> hook -> clip -> step."""
+    out = model(batch)
+    if not out.losses:
+        raise TrainingError("the model returned no loss terms")
+    _check_finite(out.losses, *where)
+    for optimizer in optimizers.values():
+        optimizer.zero_grad(set_to_none=True)
+    sum(out.losses.values()).backward()
+    if hasattr(model, "on_after_backward"):
+        model.on_after_backward(batch)
+    if train_cfg.grad_clip > 0:
+        nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
+    for optimizer in optimizers.values():
+        optimizer.step()
+    return out
+
+
 def checkpoint_state(cfg: ExperimentConfig, info: DatasetInfo, seed: int, **extra) -> dict:
     return {"format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "info": info.to_dict(), "seed": seed, **extra}
 
@@ -179,7 +231,8 @@ def fit(
     metric, mode = selection_rule(cfg, info)
     seed_everything(seed)
     model = create_model(cfg.model_name, cfg.model, info).to(device)
-    optimizer = build_optimizer(model, cfg)
+    optimizers = build_optimizers(model, cfg)
+    schedulers = build_schedulers(optimizers, cfg, mode)
 
     start_epoch, best_value, best_epoch, bad_epochs, history = 0, None, -1, 0, []
     best_state = _state_copy(model)
@@ -189,7 +242,10 @@ def fit(
         if _resumable(state["config"]) != _resumable(cfg.to_dict()):
             raise TrainingError(f"{last_path}: saved with a different config; resume needs the same one")
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        for name, optimizer in optimizers.items():
+            optimizer.load_state_dict(state["optimizers"][name])
+        for name, scheduler in schedulers.items():
+            scheduler.load_state_dict(state["schedulers"][name])
         torch.set_rng_state(state["rng"])
         best_state, best_value = state["best_state"], state["best_value"]
         start_epoch, best_epoch = state["epoch"], state["best_epoch"]
@@ -210,29 +266,19 @@ def fit(
         )
         bar = tqdm(loader, desc=f"seed {seed} epoch {epoch + 1}/{train_cfg.epochs}",
                    leave=False, disable=not train_cfg.progress)
+        step = model.training_step if hasattr(model, "training_step") else None
         for batch in bar:
             batch: Batch = batch.to(device)
-            out = model(batch)
-            if not out.losses:
-                raise TrainingError(f"model {cfg.model_name!r} returned no loss terms")
-            loss = sum(out.losses.values())
-            if not torch.isfinite(loss):
-                detail = ", ".join(f"{k}={float(v):.4g}" for k, v in out.losses.items())
-                raise TrainingError(
-                    f"loss became {float(loss)} at epoch {epoch + 1}, step {steps + 1} ({detail}); "
-                    "lower train.lr or check the data"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if hasattr(model, "on_after_backward"):
-                model.on_after_backward(batch)
-            if train_cfg.grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
-            optimizer.step()
+            where = (epoch + 1, steps + 1)
+            if step is not None:
+                out = step(batch, optimizers, train_cfg)
+                _check_finite(out.losses, *where)
+            else:
+                out = default_training_step(model, batch, optimizers, train_cfg, where)
             steps += 1
             for name, value in out.losses.items():
                 terms[name] = terms.get(name, 0.0) + float(value.detach())
-            bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+            bar.set_postfix(loss=f"{sum(float(v) for v in out.losses.values()):.4f}")
 
         valid_metrics, _ = evaluate(model, data.splits["valid"], info, cfg.data.batch_size, device)
         record = {
@@ -252,6 +298,9 @@ def fit(
             best_state = _state_copy(model)
         else:
             bad_epochs += 1
+        for scheduler in schedulers.values():
+            scheduler.step(value)
+        record["lr"] = next(iter(optimizers.values())).param_groups[0]["lr"]
         record["selected"] = best_epoch == epoch + 1
         record["stopped"] = bad_epochs >= train_cfg.patience
         history.append(record)
@@ -260,7 +309,9 @@ def fit(
         save_checkpoint(
             checkpoint_state(
                 cfg, info, seed,
-                epoch=epoch + 1, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                epoch=epoch + 1, model=model.state_dict(),
+                optimizers={k: o.state_dict() for k, o in optimizers.items()},
+                schedulers={k: sc.state_dict() for k, sc in schedulers.items()},
                 rng=torch.get_rng_state(), best_state=best_state, best_value=best_value,
                 best_epoch=best_epoch, bad_epochs=bad_epochs, history=history,
             ),
