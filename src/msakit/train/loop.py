@@ -172,9 +172,9 @@ def build_schedulers(optimizers: dict, cfg: ExperimentConfig, mode: str) -> dict
 
 
 def _check_finite(losses: dict[str, torch.Tensor], epoch: int, step: int) -> None:
-    loss = sum(float(v) for v in losses.values())
+    loss = sum(float(v.detach()) for v in losses.values())
     if not math.isfinite(loss):
-        detail = ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
+        detail = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
         raise TrainingError(
             f"loss became {loss} at epoch {epoch}, step {step} ({detail}); "
             "lower train.lr or check the data"
@@ -278,7 +278,7 @@ def fit(
             steps += 1
             for name, value in out.losses.items():
                 terms[name] = terms.get(name, 0.0) + float(value.detach())
-            bar.set_postfix(loss=f"{sum(float(v) for v in out.losses.values()):.4f}")
+            bar.set_postfix(loss=f"{sum(float(v.detach()) for v in out.losses.values()):.4f}")
 
         valid_metrics, _ = evaluate(model, data.splits["valid"], info, cfg.data.batch_size, device)
         record = {
