@@ -192,3 +192,9 @@ def test_custom_training_step_hook_and_its_resume(tmp_path, monkeypatch):
     state = load_checkpoint(tmp_path / "whole" / "seed_1" / "last.pt")
     assert set(state["optimizers"]) == {"first", "second"}
     assert int(state["model"]["steps"]) == 3 * 3  # 48 samples / batch 16 = 3 steps per epoch
+
+
+def test_tensorboard_scalars_are_written(tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard not installed")
+    run_experiment(config("train.epochs=2", "train.tensorboard=true"), tmp_path, data=make_data())
+    assert list((tmp_path / "seed_1" / "tensorboard").glob("events.out.tfevents.*"))

@@ -81,6 +81,9 @@ class TrainConfig:
     """torch CPU threads; 0 keeps torch's default."""
     progress: bool = True
     """Show progress bars."""
+    tensorboard: bool = False
+    """Also write the per-epoch log as TensorBoard scalars to OUT/seed_<s>/tensorboard
+    (needs `pip install tensorboard`)."""
 
     def __post_init__(self) -> None:
         if self.epochs < 1:

@@ -252,6 +252,7 @@ def fit(
         bad_epochs, history = state["bad_epochs"], state["history"]
         log.info("seed %d: resumed from %s at epoch %d", seed, last_path, start_epoch)
     stopped = bool(history) and history[-1].get("stopped", False)
+    board = _tensorboard_writer(run_dir) if train_cfg.tensorboard else None
 
     for epoch in range(start_epoch, train_cfg.epochs):
         if stopped:
@@ -318,6 +319,11 @@ def fit(
             last_path,
         )
         write_text("".join(_json_line(r) for r in history), run_dir / "log.jsonl")
+        if board is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "epoch":
+                    board.add_scalar(key.replace("_", "/", 1), value, epoch + 1)
+            board.flush()
         stopped = record["stopped"]
 
     model.load_state_dict(best_state)
@@ -329,6 +335,14 @@ def fit(
     write_json({"seed": seed, "best_epoch": best_epoch, "valid": valid_metrics, "test": test_metrics},
                run_dir / "metrics.json")
     return result
+
+
+def _tensorboard_writer(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise TrainingError("train.tensorboard=true needs the tensorboard package: pip install tensorboard") from e
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
 
 def _json_line(record: dict) -> str:
