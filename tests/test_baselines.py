@@ -103,10 +103,10 @@ def test_orthogonality_loss_is_zero_for_orthogonal_inputs():
 # ----------------------------------------------------------------------------- Self-MM
 
 
-def train_steps(model, data, epochs: int, batch_size: int = 8):
+def train_steps(model, data, epochs: int, first_epoch: int = 1, batch_size: int = 8):
     optimizer = torch.optim.AdamW(model.parameter_groups(None), lr=1e-2)
     model.train()
-    for epoch in range(epochs):
+    for epoch in range(first_epoch - 1, first_epoch - 1 + epochs):
         for batch in batches(data, batch_size=batch_size):
             loss = sum(model(batch).losses.values())
             optimizer.zero_grad()
@@ -135,7 +135,7 @@ def test_self_mm_label_memory_is_buffer_state_updated_only_in_training():
     torch.testing.assert_close(model.label_memory, labels.expand(4, -1))
     assert int(model.epochs_done) == 1
     before = model.label_memory.clone()
-    train_steps(model, data, epochs=1)  # epoch 2: unimodal labels are generated
+    train_steps(model, data, epochs=1, first_epoch=2)  # epoch 2: unimodal labels are generated
     assert int(model.epochs_done) == 2
     torch.testing.assert_close(model.label_memory[0], labels)  # fusion row = true labels
     assert not torch.allclose(model.label_memory[1:], before[1:])
@@ -312,6 +312,7 @@ def test_fully_masked_attention_rows_are_finite():
     out = block(x, x_mask, source, source_mask)
     out.sum().backward()
     assert torch.isfinite(out).all()
+    assert all(torch.isfinite(p.grad).all() for p in block.parameters() if p.grad is not None)
 
 
 # ----------------------------------------------------------------------------- MOSI-sized inputs

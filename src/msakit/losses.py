@@ -40,3 +40,48 @@ def shape_prediction(raw: torch.Tensor, info: DatasetInfo) -> torch.Tensor:
     if info.task == "multi_binary":
         return raw.reshape(raw.shape[0], info.num_tasks, 2)
     return raw
+
+
+# ----------------------------------------------------------------------------- representation losses
+# Used by MISA (Hazarika et al. 2020) and reused by DBR's decoupling stage.
+
+
+def _match_norm(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """||a - b||_2 with a finite gradient at a == b (sqrt of sum + eps)."""
+    return ((a - b).pow(2).sum() + eps).sqrt()
+
+
+def cmd(x1: torch.Tensor, x2: torch.Tensor, moments: int = 5) -> torch.Tensor:
+    """Central Moment Discrepancy (Zellinger et al. 2017), as MISA uses it.
+
+    x1 [N1, D], x2 [N2, D] (samples of two distributions; N1 may differ from N2) -> scalar
+    ||E x1 - E x2|| + sum_{k=2..moments} ||E (x1 - E x1)^k - E (x2 - E x2)^k||.
+    MISA's version drops the original's 1/|b - a|^k range scaling (its inputs are sigmoid outputs,
+    range 1). ~0 for samples of the same distribution; the sqrt carries a 1e-12 epsilon so the
+    gradient stays finite when both sides are equal.
+    """
+    if moments < 1:
+        raise ValueError("cmd: moments must be >= 1")
+    mean1, mean2 = x1.mean(dim=0), x2.mean(dim=0)
+    centred1, centred2 = x1 - mean1, x2 - mean2
+    total = _match_norm(mean1, mean2)
+    for k in range(2, moments + 1):
+        total = total + _match_norm(centred1.pow(k).mean(dim=0), centred2.pow(k).mean(dim=0))
+    return total
+
+
+def orthogonality_loss(x1: torch.Tensor, x2: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Soft orthogonality ("difference loss", MISA / Domain Separation Networks).
+
+    x1 [B, D1], x2 [B, D2] -> scalar mean((X1^T X2)^2), where each input is centred over the
+    batch and each row divided by its (detached) L2 norm, so the loss is the mean squared
+    correlation between the feature columns of the two representations. 0 when the centred
+    column spaces are orthogonal.
+    """
+    x1 = x1.reshape(x1.shape[0], -1)
+    x2 = x2.reshape(x2.shape[0], -1)
+    x1 = x1 - x1.mean(dim=0, keepdim=True)
+    x2 = x2 - x2.mean(dim=0, keepdim=True)
+    x1 = x1 / (x1.norm(dim=1, keepdim=True).detach() + eps)
+    x2 = x2 / (x2.norm(dim=1, keepdim=True).detach() + eps)
+    return (x1.t() @ x2).pow(2).mean()

@@ -1,3 +1,12 @@
 """Model zoo. Importing a model file registers it (see msakit.registry)."""
 
-from msakit.models import lf_dnn, tfn, unimodal  # noqa: F401
+from msakit.models import (  # noqa: F401
+    bc_lstm,
+    lf_dnn,
+    lmf,
+    misa,
+    mult,
+    self_mm,
+    tfn,
+    unimodal,
+)

@@ -8,6 +8,10 @@ Shapes: text/audio/vision [B, L_m, D_m] -> per-modality [B, H_m] -> concat [B, H
 
 Deviations from MMSA's LF_DNN: no BatchNorm on the pooled inputs (features are standardised by
 the loader; BatchNorm breaks single-sample training batches); masked mean pooling over time.
+
+Option `context` [ours, after bc-LSTM]: a bidirectional LSTM over the utterances of each video
+(`ContextLSTM`, [B, H_t+H_a+H_v] -> same size) before the head; the trainer then batches whole
+videos. Meant for utterance-level data (mosi-poria). Off by default.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from torch import nn
 from msakit.batch import MODALITIES, Batch, ModelOutput
 from msakit.data.base import DatasetInfo
 from msakit.models.base import task_output
+from msakit.modules.context import ContextLSTM
 from msakit.modules.encoders import PooledMLPEncoder
 from msakit.registry import register_model
 
@@ -34,6 +39,11 @@ class LFDNNConfig:
     """Dropout on the pooled inputs of each modality encoder."""
     fusion_dropout: float = 0.3
     """Dropout on the concatenated modality vectors."""
+    context: bool = False
+    """Put a bidirectional LSTM over each video's utterances (ContextLSTM) before the head; the
+    model then trains on whole videos (needs data whose loader knows the videos, e.g. mosi-poria)."""
+    context_hidden: int = 64
+    """Hidden size of the context BiLSTM (used only with `context`)."""
 
     @classmethod
     def tiny(cls) -> LFDNNConfig:
@@ -51,13 +61,21 @@ class LFDNN(nn.Module):
         self.encoders = nn.ModuleDict(
             {m: PooledMLPEncoder(info.feature_dims[m], hidden[m], cfg.dropout) for m in MODALITIES}
         )
+        fused = sum(hidden.values())
+        self.context = None
+        if cfg.context:
+            self.context = ContextLSTM(fused, cfg.context_hidden, fused, dropout=cfg.fusion_dropout)
+            self.whole_videos = True  # the trainer batches whole videos (Batch.group)
         self.head = nn.Sequential(
             nn.Dropout(cfg.fusion_dropout),
-            nn.Linear(sum(hidden.values()), cfg.fusion_hidden),
+            nn.Linear(fused, cfg.fusion_hidden),
             nn.ReLU(),
             nn.Linear(cfg.fusion_hidden, info.output_dim),
         )
 
     def forward(self, batch: Batch) -> ModelOutput:
         encoded = [self.encoders[m](batch.features(m), batch.mask(m)) for m in MODALITIES]
-        return task_output(self.head(torch.cat(encoded, dim=-1)), batch, self.info)
+        h = torch.cat(encoded, dim=-1)  # [B, H_t+H_a+H_v]
+        if self.context is not None:
+            h = self.context(h, batch.group)
+        return task_output(self.head(h), batch, self.info)

@@ -1,0 +1,167 @@
+"""Masked multi-head attention and MulT's cross-modal transformer (Tsai et al., ACL 2019).
+
+Shapes: query sequence x [B, L_q, D] with x_mask [B, L_q]; optional source sequence
+context [B, L_k, D] with context_mask [B, L_k] (bool, True = real frame). Without a context the
+block is an ordinary (masked) self-attention transformer.
+
+Padding never leaks: padded keys get attention weight exactly 0, rows whose keys are ALL padding
+get all-zero weights (never NaN), and the outputs at padded query positions are set to 0.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def sinusoidal_positions(length: int, dim: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """[length, dim] sinusoidal position embeddings of positions 1..length.
+
+    The tensor2tensor/fairseq variant that MulT uses: first half sines, second half cosines,
+    frequencies 10000^(-i / (dim/2 - 1)); positions start at 1 (fairseq reserves 0 for padding);
+    an odd `dim` gets a trailing zero column.
+    """
+    half = dim // 2
+    scale = math.log(10000.0) / max(half - 1, 1)
+    freqs = torch.exp(torch.arange(half, device=device, dtype=torch.float32) * -scale)
+    positions = torch.arange(1, length + 1, device=device, dtype=torch.float32)
+    angles = positions[:, None] * freqs[None, :]  # [L, half]
+    emb = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    if dim % 2:
+        emb = torch.cat([emb, emb.new_zeros(length, 1)], dim=1)
+    return emb.to(dtype)
+
+
+class MaskedMultiheadAttention(nn.Module):
+    """Multi-head scaled dot-product attention with a key-padding mask.
+
+    query [B, L_q, D], key/value [B, L_k, D], key_mask [B, L_k] bool -> [B, L_q, D].
+    A query whose keys are all padding attends to nothing: its context is 0 (then out_proj's bias),
+    where torch's MultiheadAttention would return NaN.
+    """
+
+    def __init__(self, dim: int, num_heads: int, dropout: float = 0.0):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"attention: dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, length, _ = x.shape
+        return x.view(b, length, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, L, d_h]
+
+    def forward(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_mask: torch.Tensor
+    ) -> torch.Tensor:
+        q = self._heads(self.q_proj(query))
+        k = self._heads(self.k_proj(key))
+        v = self._heads(self.v_proj(value))
+        scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)  # [B, H, L_q, L_k]
+        visible = key_mask[:, None, None, :]  # [B, 1, 1, L_k]
+        scores = scores.masked_fill(~visible, torch.finfo(scores.dtype).min)
+        # fully masked rows softmax to uniform weights; multiplying by the mask zeroes them
+        weights = torch.softmax(scores, dim=-1) * visible.to(scores.dtype)
+        context = self.dropout(weights) @ v  # [B, H, L_q, d_h]
+        context = context.transpose(1, 2).reshape(query.shape[0], query.shape[1], -1)
+        return self.out_proj(context)
+
+
+class CrossModalLayer(nn.Module):
+    """One pre-LayerNorm transformer layer whose attention reads a source sequence.
+
+    As in MulT's TransformerEncoderLayer: LN -> attention (query = target, key/value = source,
+    both normalised by the SAME LayerNorm) -> dropout -> residual; LN -> Linear(D, 4D) -> ReLU
+    -> dropout -> Linear(4D, D) -> dropout -> residual.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        attn_dropout: float = 0.0,
+        relu_dropout: float = 0.0,
+        res_dropout: float = 0.0,
+    ):
+        super().__init__()
+        self.attention = MaskedMultiheadAttention(dim, num_heads, attn_dropout)
+        self.norm_attention = nn.LayerNorm(dim)
+        self.norm_ff = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, 4 * dim)
+        self.fc2 = nn.Linear(4 * dim, dim)
+        self.relu_dropout = nn.Dropout(relu_dropout)
+        self.res_dropout = nn.Dropout(res_dropout)
+        for layer in (self.fc1, self.fc2):  # MulT's Linear(): xavier weights, zero bias
+            nn.init.xavier_uniform_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None,
+        context_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        q = self.norm_attention(x)
+        kv = q if context is None else self.norm_attention(context)
+        x = x + self.res_dropout(self.attention(q, kv, kv, context_mask))
+        h = self.relu_dropout(F.relu(self.fc1(self.norm_ff(x))))
+        return x + self.res_dropout(self.fc2(h))
+
+
+class CrossModalTransformer(nn.Module):
+    """MulT's (cross-modal) transformer: a stack of `CrossModalLayer`s with scaled embeddings,
+    sinusoidal positions and a final LayerNorm.
+
+    x [B, L_q, D] (target), x_mask [B, L_q]; context [B, L_k, D] (source), context_mask [B, L_k]
+    -> [B, L_q, D]. `context=None` makes it a self-attention transformer over x (MulT's
+    "memory" transformers). Inputs are scaled by sqrt(D) and get positions 1..L added; embedding
+    dropout follows. Padded query positions are zeroed on the way in and on the way out.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        layers: int,
+        attn_dropout: float = 0.0,
+        relu_dropout: float = 0.0,
+        res_dropout: float = 0.0,
+        embed_dropout: float = 0.0,
+    ):
+        super().__init__()
+        self.dim = dim
+        self.layers = nn.ModuleList(
+            CrossModalLayer(dim, num_heads, attn_dropout, relu_dropout, res_dropout)
+            for _ in range(layers)
+        )
+        self.embed_dropout = nn.Dropout(embed_dropout)
+        self.norm = nn.LayerNorm(dim)
+
+    def _embed(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        positions = sinusoidal_positions(x.shape[1], self.dim, x.device, x.dtype)  # [L, D]
+        x = math.sqrt(self.dim) * x + positions[None]
+        return self.embed_dropout(x.masked_fill(~mask[..., None], 0.0))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        x_mask: torch.Tensor,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if (context is None) != (context_mask is None):
+            raise ValueError("CrossModalTransformer: pass context and context_mask together")
+        h = self._embed(x, x_mask)
+        source, source_mask = (None, x_mask) if context is None else (
+            self._embed(context, context_mask), context_mask
+        )
+        for layer in self.layers:
+            h = layer(h, source, source_mask)
+        return self.norm(h).masked_fill(~x_mask[..., None], 0.0)
