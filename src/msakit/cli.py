@@ -1,4 +1,4 @@
-"""Command line: `msakit train | eval | list-models | list-datasets`.
+"""Command line: `msakit train | eval | analyze | list-models | list-datasets`.
 
 Every command is also callable in-process as `main([...])` (tests do so); errors in the user's
 input end with a one-line message on stderr and exit status 2.
@@ -90,6 +90,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from msakit.analysis import analyze_checkpoint, format_contributions
+
+    out = Path(args.out or Path(args.checkpoint).parent / "analysis")
+    result = analyze_checkpoint(args.checkpoint, _data_overrides(args), split=args.split,
+                                metric=args.metric, out_dir=out)
+    print(f"\n{result['model']} on {result['dataset']} ({args.split} split): modality subsets "
+          "(absent modalities' features zeroed) and exact Shapley values")
+    print(format_contributions(result))
+    for note in result["notes"]:
+        print(f"note: {note}")
+    print(f"\nwrote {out / 'shapley.json'} and {out / 'shapley.png'}")
+    return 0
+
+
 def cmd_list_models(args: argparse.Namespace) -> int:
     for name, summary in list_models().items():
         print(f"{name:16s} {summary}")
@@ -126,6 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default="test", choices=["train", "valid", "test"])
     evaluate.add_argument("--out", help="write the metrics to this JSON file")
     evaluate.set_defaults(handler=cmd_eval)
+
+    analyze = commands.add_parser("analyze", help="modality Shapley contributions of a checkpoint")
+    analyze.add_argument("--checkpoint", required=True)
+    _add_data_args(analyze)
+    analyze.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    analyze.add_argument("--metric", help="metric of the utility (default: the selection metric)")
+    analyze.add_argument("--out", help="folder for shapley.json/png (default: <checkpoint dir>/analysis)")
+    analyze.set_defaults(handler=cmd_analyze)
 
     commands.add_parser("list-models", help="registered models").set_defaults(handler=cmd_list_models)
     commands.add_parser("list-datasets", help="registered datasets").set_defaults(

@@ -6,6 +6,7 @@ from msakit.models import (  # noqa: F401
     lmf,
     misa,
     mult,
+    pase,
     self_mm,
     tfn,
     unimodal,

@@ -1,0 +1,386 @@
+"""PaSE: prototypes, phase switch, batched subset evaluation, SGM, ablation flags, analyze command."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from fakes import make_data
+
+from msakit.analysis import mask_modalities, modality_contributions, subset_predictions
+from msakit.batch import MODALITIES, Batch
+from msakit.cli import main
+from msakit.config import build_config
+from msakit.data import to_loader
+from msakit.models.pase import PaSE, PaSEConfig
+from msakit.modules.shapley import shapley_values, subset_masks
+from msakit.registry import create_model
+from msakit.train.experiment import run_experiment
+
+torch.set_num_threads(1)
+
+
+def build(task: str = "regression", **changes) -> tuple[PaSE, object]:
+    data = make_data(task)
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(PaSEConfig.tiny(), **changes)
+    return create_model("pase", cfg, data.info), data
+
+
+def batches(data, batch_size=8, split="train") -> list[Batch]:
+    return list(to_loader(data.splits[split], data.info, batch_size, shuffle=False))
+
+
+def pooled(model: PaSE, batch: Batch) -> dict[str, torch.Tensor]:
+    """h^m as the model computes it (dropout must be 0 for this to be deterministic)."""
+    masks = {m: batch.mask(m) for m in MODALITIES}
+    with torch.no_grad():
+        return model.unimodal({m: model.encode(batch.features(m), m) for m in MODALITIES}, masks)
+
+
+# ----------------------------------------------------------------------------- classes and prototypes
+
+
+def test_prototype_classes_per_task():
+    model, _ = build("regression")
+    y = torch.tensor([-3.0, -2.6, -0.4, 0.5, 0.51, 2.4, 3.0])
+    assert model.num_prototypes == 7
+    assert model.prototype_classes(y).tolist() == [0, 0, 3, 3, 4, 5, 6]  # round half to even
+    model, _ = build("classification")
+    assert model.num_prototypes == 3
+    assert model.prototype_classes(torch.tensor([2, 0, 1])).tolist() == [2, 0, 1]
+    model, _ = build("multi_binary")
+    assert model.num_prototypes == 5  # 4 emotions + "none positive"
+    labels = torch.tensor([[0, 1, 0, 0], [0, 0, 0, 1], [0, 0, 0, 0], [1, 0, 1, 0]])
+    assert model.prototype_classes(labels).tolist() == [1, 3, 4, 0]
+
+
+def test_prototype_banks_initialise_then_follow_the_ema():
+    model, data = build("classification", dropout=0.0)
+    model.train()
+    first, second = batches(data)[:2]
+    assert not model.prototype_ready.any()
+    model(first)
+    h1, y1 = pooled(model, first), model.prototype_classes(first.labels)
+    for k in range(3):
+        present = bool((y1 == k).any())
+        assert bool(model.prototype_ready[k]) == present
+        for i, m in enumerate(MODALITIES):
+            expected = h1[m][y1 == k].mean(0) if present else torch.zeros(model.cfg.hidden)
+            torch.testing.assert_close(model.prototypes[i, k], expected)
+    before = model.prototypes.clone()
+    ready_before = model.prototype_ready.clone()
+    model(second)
+    h2, y2 = pooled(model, second), model.prototype_classes(second.labels)
+    for k in range(3):
+        for i, m in enumerate(MODALITIES):
+            if not bool((y2 == k).any()):
+                expected = before[i, k]
+            elif bool(ready_before[k]):
+                expected = 0.98 * before[i, k] + 0.02 * h2[m][y2 == k].mean(0)
+            else:
+                expected = h2[m][y2 == k].mean(0)
+            torch.testing.assert_close(model.prototypes[i, k], expected)
+    model.eval()  # evaluation never moves the banks
+    after = model.prototypes.clone()
+    model(first)
+    torch.testing.assert_close(model.prototypes, after)
+    assert "prototypes" in model.state_dict() and "prototype_ready" in model.state_dict()
+
+
+def test_batch_prototypes_carry_gradient_into_the_encoder():
+    model, data = build("regression", dropout=0.0, use_cal=False, use_unimodal_heads=False)
+    model.train()
+    out = model(batches(data, 15)[0])
+    out.losses["pcl"].backward()
+    assert model.projections["audio"].weight.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------- phase switch
+
+
+def test_phase_switch_fires_after_plateau_and_minimum_epochs():
+    model, _ = build("regression", min_phase1_epochs=3, switch_patience=2)
+    maes = [1.0, 0.9, 0.8995, 0.8999]  # epochs 3 and 4 improve by < 1e-3
+    phases = [model.on_epoch_end(e + 1, {"mae": v})["phase"] for e, v in enumerate(maes)]
+    assert phases == [1.0, 1.0, 1.0, 2.0]
+    assert int(model.switch_epoch) == 4 and float(model.switch_best) == pytest.approx(0.9)
+    state = model.state_dict()
+    assert int(state["phase"]) == 2 and int(state["switch_epoch"]) == 4
+    twin, _ = build("regression")
+    twin.load_state_dict(state)
+    assert int(twin.phase) == 2 and twin.sgm_active() and not twin.unimodal_active()
+
+
+def test_phase_switch_waits_for_the_minimum_epoch_and_uses_the_family_metric():
+    model, _ = build("regression", min_phase1_epochs=6, switch_patience=2)
+    phases = [model.on_epoch_end(e, {"mae": 1.0})["phase"] for e in range(1, 7)]
+    assert phases == [1.0] * 5 + [2.0]  # stale since epoch 3, but not before epoch 6
+    model, _ = build("classification", min_phase1_epochs=1, switch_patience=2)
+    for e, f1 in enumerate([0.2, 0.3, 0.4, 0.5, 0.6], start=1):  # steadily better: stays in phase 1
+        assert model.on_epoch_end(e, {"f1_macro": f1, "acc": 0.0})["phase"] == 1.0
+    model.on_epoch_end(6, {"f1_macro": 0.6005, "acc": 0.0})
+    assert model.on_epoch_end(7, {"f1_macro": 0.5, "acc": 0.0})["phase"] == 2.0
+
+
+def test_single_phase_never_switches_and_has_everything_on():
+    model, _ = build("regression", dual_phase=False, min_phase1_epochs=0, switch_patience=1)
+    for e in range(1, 5):
+        model.on_epoch_end(e, {"mae": 1.0})
+    assert int(model.phase) == 1 and model.sgm_active() and model.unimodal_active()
+
+
+# ----------------------------------------------------------------------------- subsets and Shapley
+
+
+@pytest.mark.parametrize("task", ["regression", "classification", "multi_binary"])
+def test_batched_subsets_equal_running_each_mask_separately(task):
+    model, data = build(task)
+    model.train()
+    model(batches(data, 16)[0])  # initialise prototypes so the gate is live
+    model.eval()
+    batch = batches(data, 8, "valid")[0]
+    with torch.no_grad():
+        together = model.modality_subset_predictions(batch)
+        assert together.shape[:2] == (8, batch.size)
+        for s, keep in enumerate(subset_masks(3).tolist()):
+            alone = model(mask_modalities(batch, keep)).prediction
+            torch.testing.assert_close(together[s], alone, rtol=1e-5, atol=1e-6)
+
+
+def test_utilities_and_shapley_on_a_batch():
+    model, data = build("regression")
+    model.train()
+    model(batches(data, 16)[0])
+    batch = batches(data, 16)[1]
+    model.eval()
+    utilities = model.subset_utilities(batch)
+    with torch.no_grad():
+        full = model(batch).losses["task"]
+        empty = model(mask_modalities(batch, [False] * 3)).losses["task"]
+    assert float(utilities[7]) == pytest.approx(-float(full), rel=1e-5)
+    assert float(utilities[0]) == pytest.approx(-float(empty), rel=1e-5)
+    psi = model.update_shapley(batch)
+    assert float(psi.sum()) == pytest.approx(float(utilities[7] - utilities[0]), abs=1e-5)
+    torch.testing.assert_close(model.phi, torch.ones(3))  # phase 1: no modulation yet
+    model.phase.fill_(2)
+    model.update_shapley(batch)
+    assert float(model.phi.max()) == 1.0 and float(model.phi.min()) >= math.exp(-1) - 1e-6
+
+
+def test_prototype_utility_is_the_release_formula():
+    model, data = build("classification", utility="prototype")
+    model.train()
+    for batch in batches(data, 16):
+        model(batch)
+    u = model.subset_utilities(batches(data, 16)[0])
+    assert float(u[0]) == 0.0 and bool(torch.isfinite(u).all())
+    ready = model.prototype_ready
+    var_text = float(model.prototypes[0, ready].var())
+    assert float(u[1]) == pytest.approx(0.6 + 0.4 / (1 + var_text), rel=1e-5)  # {text}: no pairs
+    assert shapley_values(u).shape == (3,)
+
+
+# ----------------------------------------------------------------------------- SGM
+
+
+def gradients(model: PaSE, batch: Batch) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    sum(model(batch).losses.values()).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_sgm_scales_only_each_modalitys_own_gradients():
+    model, data = build("regression", dropout=0.0)
+    model.train()
+    batch = batches(data, 15)[0]
+    model(batch)  # initialise the banks (so the next two passes see the same state)
+    model.phase.fill_(2)
+    phi = torch.tensor([0.5, 1.0, 0.7])
+    model.phi.copy_(phi)
+    plain = gradients(model, batch)
+    gradients(model, batch)  # the same gradients again (the banks already hold this batch's means)
+    model.on_after_backward(batch)
+    scaled = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    own = {m: {id(p) for p in ps} for m, ps in model.own_parameters().items()}
+    params = dict(model.named_parameters())
+    seen = set()
+    for name, grad in scaled.items():
+        factor = 1.0
+        for i, m in enumerate(MODALITIES):
+            if id(params[name]) in own[m]:
+                factor = float(phi[i])
+                seen.add(m)
+        torch.testing.assert_close(grad, factor * plain[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert seen == set(MODALITIES)
+    torch.testing.assert_close(scaled["projections.text.weight"], 0.5 * plain["projections.text.weight"])
+    torch.testing.assert_close(scaled["head.weight"], plain["head.weight"])
+
+
+@pytest.mark.parametrize("changes", [dict(), dict(use_sgm=False)])
+def test_no_modulation_in_phase_one_or_without_sgm(changes):
+    model, data = build("regression", dropout=0.0, **changes)
+    model.train()
+    batch = batches(data, 15)[0]
+    model(batch)
+    if changes:
+        model.phase.fill_(2)
+    model.phi.copy_(torch.tensor([0.5, 0.6, 0.7]))
+    plain = gradients(model, batch)
+    model.on_after_backward(batch)
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, plain[name])
+
+
+@pytest.mark.parametrize("samples", [0, 4])
+def test_per_step_shapley_recomputes_phi(samples):
+    model, data = build("regression", sgm_update="step", dual_phase=False, shapley_samples=samples)
+    model.train()
+    batch = batches(data, 15)[0]
+    gradients(model, batch)
+    model.on_after_backward(batch)
+    assert bool(model.shapley.abs().sum() > 0) and float(model.phi.max()) == 1.0
+    assert model.training  # restored after the evaluation-mode utility pass
+
+
+# ----------------------------------------------------------------------------- ablation flags
+
+
+@pytest.mark.parametrize(
+    "flag,term",
+    [("use_pcl", "pcl"), ("use_cal", "cal"), ("use_unimodal_heads", "unimodal")],
+)
+def test_each_flag_turns_its_loss_term_off(flag, term):
+    model, data = build("regression")
+    batch = batches(data)[0]
+    assert term in model(batch).losses
+    model, data = build("regression", **{flag: False})
+    assert term not in model(batch).losses
+
+
+def test_gate_flag_and_phase_two_drop_their_parts():
+    model, data = build("regression", use_prototype_gate=False, use_unimodal_heads=False)
+    assert model.gate is None and model.unimodal_heads is None
+    assert not any(n.startswith(("gate.", "unimodal_heads.")) for n, _ in model.named_parameters())
+    model, data = build("regression")
+    model.phase.fill_(2)
+    assert set(model(batches(data)[0]).losses) == {"task", "pcl", "cal"}
+
+
+def test_flags_are_settable_from_the_command_line_syntax():
+    cfg = build_config({"model": {"name": "pase"}}, ["model.use_sgm=false", "model.utility=prototype",
+                                                     "model.dual_phase=false"])
+    assert cfg.model.use_sgm is False and cfg.model.utility == "prototype"
+    assert cfg.model.dual_phase is False
+    with pytest.raises(ValueError, match="model.utility"):
+        PaSEConfig(utility="banana")
+
+
+# ----------------------------------------------------------------------------- training and analysis
+
+
+def test_training_logs_shapley_and_reaches_phase_two(tmp_path):
+    cfg = build_config(
+        {"model": {"name": "pase", **dataclasses.asdict(PaSEConfig.tiny())}},
+        ["train.progress=false", "data.batch_size=16", "train.epochs=4", "train.patience=100",
+         "model.switch_delta=10.0"],  # nothing counts as an improvement: switch at the end of epoch 2
+    )
+    run_experiment(cfg, tmp_path, data=make_data())
+    history = [json.loads(x) for x in (tmp_path / "seed_1" / "log.jsonl").read_text().splitlines()]
+    for record in history:
+        for m in MODALITIES:
+            assert math.isfinite(record[f"shapley_{m}"]) and 0 < record[f"phi_{m}"] <= 1
+    phases = [r["phase"] for r in history]
+    assert phases == [1.0, 2.0, 2.0, 2.0]
+    after = [r for r in history if r["phase"] == 2.0]
+    assert max(r[f"phi_{m}"] for r in after for m in MODALITIES) == 1.0
+    assert all("train_unimodal" not in r for r in history[phases.index(2.0) + 1:])
+
+
+def test_resume_across_the_phase_switch_matches_an_uninterrupted_run(tmp_path, monkeypatch):
+    import msakit.train.loop as loop
+    from msakit.train.checkpoint import load_checkpoint
+
+    def cfg():
+        return build_config(
+            {"model": {"name": "pase", **dataclasses.asdict(PaSEConfig.tiny())}},
+            ["train.progress=false", "data.batch_size=16", "train.epochs=4", "train.patience=100",
+             "model.switch_delta=10.0"],
+        )
+
+    data = make_data()
+    whole = run_experiment(cfg(), tmp_path / "whole", data=data)
+    real_save = loop.save_checkpoint
+    calls = {"n": 0}
+
+    def crash_after_two_epochs(state, path):
+        real_save(state, path)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "save_checkpoint", crash_after_two_epochs)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg(), tmp_path / "cut", data=data)
+    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    assert int(load_checkpoint(tmp_path / "cut" / "seed_1" / "last.pt")["model"]["phase"]) == 2
+    resumed = run_experiment(cfg(), tmp_path / "cut", resume=True, data=data)
+    assert resumed["per_seed"][0]["test"] == whole["per_seed"][0]["test"]
+
+
+def test_analysis_batched_and_generic_paths_agree():
+    model, data = build("regression")
+    model.train()
+    model(batches(data, 16)[0])
+    model.eval()
+
+    class Plain(torch.nn.Module):  # the same model without the batched subset method
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, batch):
+            return self.inner(batch)
+
+    arrays, info = data.splits["test"], data.info
+    batched, used = subset_predictions(model, arrays, info, 8, torch.device("cpu"))
+    generic, used_generic = subset_predictions(Plain(model), arrays, info, 8, torch.device("cpu"))
+    assert used and not used_generic
+    np.testing.assert_allclose(batched, generic, rtol=1e-5, atol=1e-6)
+    result = modality_contributions(model, arrays, info, batch_size=8)
+    assert result["metric"] == "mae" and result["utility"] == "-mae" and len(result["subsets"]) == 8
+    assert sum(result["shapley"].values()) == pytest.approx(result["u_all_minus_u_empty"])
+
+
+def test_analyze_command_end_to_end(tmp_path, capsys):
+    small = ["data.synthetic.train_size=48", "data.synthetic.valid_size=16", "data.synthetic.test_size=16",
+             "data.synthetic.text_length=6", "data.synthetic.audio_length=8", "data.synthetic.vision_length=7",
+             "data.batch_size=16", "model.hidden=8", "model.depth=1", "model.sinkhorn_iters=20"]
+    run = tmp_path / "run"
+    assert main(["train", "--model", "pase", "--epochs", "1", "--quiet", "--out", str(run),
+                 "--set", *small]) == 0
+    out = tmp_path / "analysis"
+    assert main(["analyze", "--checkpoint", str(run / "seed_1" / "best.pt"), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "text+audio+vision" in printed and "Shapley" in printed
+    result = json.loads((out / "shapley.json").read_text())
+    assert result["model"] == "pase" and result["split"] == "test" and result["batched_subsets"]
+    assert [row["bitmask"] for row in result["subsets"]] == list(range(8))
+    assert sum(result["shapley"].values()) == pytest.approx(result["u_all_minus_u_empty"])
+    full = json.loads((run / "seed_1" / "metrics.json").read_text())["test"]["mae"]
+    assert result["subsets"][7]["metric"] == pytest.approx(full, rel=1e-5)
+    assert (out / "shapley.png").read_bytes()[:4] == b"\x89PNG"
+    # a model without the batched method, another metric
+    assert main(["train", "--model", "lf_dnn", "--epochs", "1", "--quiet", "--out", str(tmp_path / "lf"),
+                 "--set", *small[:7]]) == 0
+    assert main(["analyze", "--checkpoint", str(tmp_path / "lf" / "seed_1" / "best.pt"),
+                 "--metric", "corr", "--out", str(tmp_path / "lf_an")]) == 0
+    result = json.loads((tmp_path / "lf_an" / "shapley.json").read_text())
+    assert result["utility"] == "corr" and not result["batched_subsets"]
+    assert main(["analyze", "--checkpoint", str(tmp_path / "lf" / "seed_1" / "best.pt"),
+                 "--metric", "nope"]) == 2
