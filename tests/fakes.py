@@ -44,7 +44,7 @@ def make_split(info: DatasetInfo, n: int, rng: np.random.Generator) -> SplitArra
 def make_data(task: str = "regression", sizes=(48, 16, 16), seed: int = 0) -> MultimodalData:
     rng = np.random.default_rng(seed)
     info = make_info(task)
-    splits = {s: make_split(info, n, rng) for s, n in zip(("train", "valid", "test"), sizes)}
+    splits = {s: make_split(info, n, rng) for s, n in zip(("train", "valid", "test"), sizes, strict=True)}
     for arrays in splits.values():  # utterances of four consecutive samples share a video
         arrays.groups = np.arange(len(arrays)) // 4
     return validate(MultimodalData(info, splits, source="fake"))

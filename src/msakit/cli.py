@@ -1,4 +1,4 @@
-"""Command line: `msakit train | eval | analyze | list-models | list-datasets`.
+"""Command line: `msakit train | eval | analyze | personality fit | list-models | list-datasets`.
 
 Every command is also callable in-process as `main([...])` (tests do so); errors in the user's
 input end with a one-line message on stderr and exit status 2.
@@ -117,6 +117,23 @@ def cmd_list_datasets(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_personality(args: argparse.Namespace) -> int:
+    from msakit.personality import fit_personality_head
+
+    meta = fit_personality_head(
+        args.csv, args.text_column, args.trait_columns, args.encoder, args.out,
+        epochs=args.epochs, lr=args.lr, hidden=args.hidden, batch_size=args.batch_size,
+        valid_fraction=args.valid_fraction, seed=args.seed, max_length=args.max_length,
+        pooling=args.pooling,
+    )
+    scores = ", ".join(f"{k} {meta[k]:.4f}" for k in ("train_mse", "valid_mse", "valid_mse_of_train_mean")
+                       if k in meta)
+    print(f"Big-Five head on {meta['rows']} rows over {meta['encoder_description']} "
+          f"({meta['pooling']} pooling): {scores}")
+    print(f"wrote {Path(args.out)}; use it with --set model.personality_encoder={args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="msakit", description="Multimodal sentiment analysis toolkit")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -149,6 +166,26 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--metric", help="metric of the utility (default: the selection metric)")
     analyze.add_argument("--out", help="folder for shapley.json/png (default: <checkpoint dir>/analysis)")
     analyze.set_defaults(handler=cmd_analyze)
+
+    personality = commands.add_parser("personality", help="personality encoders for PSA-MF")
+    personality_commands = personality.add_subparsers(dest="personality_command", required=True)
+    fit = personality_commands.add_parser(
+        "fit", help="fit a Big-Five regression head on frozen text embeddings of a CSV")
+    fit.add_argument("--csv", required=True, help="CSV with a text column and five trait columns in [0, 1]")
+    fit.add_argument("--text-column", default="text")
+    fit.add_argument("--trait-columns", nargs=5, required=True, metavar="COL",
+                     help="openness, conscientiousness, extraversion, agreeableness, neuroticism")
+    fit.add_argument("--encoder", default="minilm", help="minilm, tiny or a local model folder")
+    fit.add_argument("--out", required=True, help="folder for head.pt and personality.json")
+    fit.add_argument("--epochs", type=int, default=100)
+    fit.add_argument("--lr", type=float, default=1e-3)
+    fit.add_argument("--hidden", type=int, default=64, help="hidden units of the head (0: linear)")
+    fit.add_argument("--batch-size", type=int, default=32)
+    fit.add_argument("--valid-fraction", type=float, default=0.2, help="rows held out to report MSE")
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--max-length", type=int, default=50, help="tokens per text")
+    fit.add_argument("--pooling", default="auto", choices=["auto", "cls", "mean"])
+    fit.set_defaults(handler=cmd_personality)
 
     commands.add_parser("list-models", help="registered models").set_defaults(handler=cmd_list_models)
     commands.add_parser("list-datasets", help="registered datasets").set_defaults(

@@ -46,7 +46,7 @@ def load_dataset(cfg: DataConfig) -> MultimodalData:
     return validate(_LOADERS[cfg.name](cfg))
 
 
-from msakit.data import mmsa, mosi_poria, mult, synthetic  # noqa: E402, F401  (registration)
+from msakit.data import mintrec, mmsa, mosi_poria, mult, synthetic  # noqa: E402, F401  (registration)
 
 __all__ = [
     "DataError",

@@ -2,12 +2,16 @@
 
 from msakit.models import (  # noqa: F401
     bc_lstm,
+    dbr,
     lf_dnn,
     lmf,
     misa,
+    mmcl,
     mult,
     pase,
+    psa_mf,
     self_mm,
+    text_baseline,
     tfn,
     unimodal,
 )

@@ -1,0 +1,230 @@
+"""DBR: named loss terms, ablation flags, capped borrowing, branch weights, the ONE shared encoder,
+HSIC, logged gates, the text-encoder branch, and a tiny end-to-end run."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from fakes import make_data
+
+from msakit.batch import MODALITIES, Batch
+from msakit.config import build_config
+from msakit.data import to_loader
+from msakit.models.dbr import DBR, DBRConfig, balance_kl, rbf_hsic
+from msakit.registry import create_model
+from msakit.train.experiment import run_experiment
+
+torch.set_num_threads(1)
+
+ALL_TERMS = {"task", "cmd", "diff", "recon", "hsic", "anchor_orth", "unimodal", "leak", "balance"}
+
+
+def build(task: str = "regression", **changes) -> tuple[DBR, object]:
+    data = make_data(task)
+    torch.manual_seed(0)
+    return create_model("dbr", dataclasses.replace(DBRConfig.tiny(), **changes), data.info), data
+
+
+def first_batch(data, batch_size=8, split="train") -> Batch:
+    return next(iter(to_loader(data.splits[split], data.info, batch_size, shuffle=False)))
+
+
+@pytest.mark.parametrize("task", ["regression", "classification", "multi_binary"])
+def test_every_loss_term_is_named_and_finite(task):
+    model, data = build(task)
+    model.train()
+    out = model(first_batch(data))
+    assert set(out.losses) == ALL_TERMS
+    for name, value in out.losses.items():
+        assert value.ndim == 0 and torch.isfinite(value), name
+    sum(out.losses.values()).backward()
+
+
+@pytest.mark.parametrize(
+    "changes,gone_terms,gone_logs,gone_module",
+    [
+        ({"use_tsf": False}, {"hsic"}, {"tsf_gate"}, "tsf"),
+        ({"use_agpr": False}, {"anchor_orth", "unimodal", "leak"},
+         {"beta_text", "beta_audio", "beta_vision"}, "agpr"),
+        ({"use_borrowing": False}, set(), {"beta_text", "beta_audio", "beta_vision"}, None),
+        ({"use_brf": False}, {"balance"}, {"alpha_shared", "alpha_private"}, "brf"),
+        ({"sim_weight": 0.0}, {"cmd"}, set(), None),
+        ({"diff_weight": 0.0}, {"diff"}, set(), None),
+        ({"recon_weight": 0.0}, {"recon"}, set(), "recon"),
+        ({"hsic_weight": 0.0}, {"hsic"}, set(), None),
+        ({"balance_weight": 0.0}, {"balance"}, set(), None),
+        ({"anchor_weight": 0.0, "unimodal_weight": 0.0, "leak_weight": 0.0},
+         {"anchor_orth", "unimodal", "leak"}, set(), None),
+    ],
+)
+def test_each_ablation_flag_removes_its_term_and_branch(changes, gone_terms, gone_logs, gone_module):
+    full, data = build()
+    model, _ = build(**changes)
+    batch = first_batch(data)
+    full_out, out = full(batch), model(batch)
+    assert set(out.losses) == set(full_out.losses) - gone_terms
+    assert gone_terms <= set(full_out.losses)
+    assert not gone_logs & set(out.logs) and gone_logs <= set(full_out.logs)
+    if gone_module:
+        assert getattr(model, gone_module) is None and getattr(full, gone_module) is not None
+    if changes == {"use_borrowing": False}:
+        assert model.agpr is not None and model.agpr.borrow is None
+        assert "anchor_orth" in out.losses
+    assert torch.isfinite(out.prediction).all()
+    assert sum(p.numel() for p in model.parameters()) <= sum(p.numel() for p in full.parameters())
+
+
+def test_borrowing_needs_agpr():
+    assert DBRConfig(use_agpr=False, use_borrowing=True).use_borrowing is False
+
+
+CAP = float(torch.tensor(0.3))  # 0.3 in float32 (0.30000001...), the parameters' precision
+
+
+def test_beta_never_exceeds_the_cap():
+    model, data = build()
+    with torch.no_grad():
+        model.agpr.borrow_logit.fill_(1e4)
+    beta = model.agpr.beta()
+    assert torch.all(beta <= CAP) and torch.allclose(beta, torch.full((3,), 0.3))
+    out = model(first_batch(data))
+    assert all(out.logs[f"beta_{m}"] <= CAP for m in MODALITIES)
+    with torch.no_grad():
+        model.agpr.borrow_logit.fill_(-1e4)
+    assert torch.all(model.agpr.beta() >= 0)
+    assert model.agpr.beta().max() < 1e-6
+    # training that pushes borrowing up still stays under the cap
+    model, data = build()
+    optimizer = torch.optim.SGD([model.agpr.borrow_logit], lr=100.0)
+    for _ in range(5):
+        optimizer.zero_grad()
+        (-model.agpr.beta().sum()).backward()
+        optimizer.step()
+        assert torch.all(model.agpr.beta() <= CAP)
+
+
+def test_branch_weights_sum_to_one_and_balance_is_kl_to_uniform():
+    model, data = build()
+    torch.manual_seed(1)
+    h_s, h_p = torch.randn(5, 3, 8), torch.randn(5, 3, 8)
+    fused, alpha = model.brf(h_s, h_p)
+    assert fused.shape == (5, 8) and alpha.shape == (5, 2)
+    torch.testing.assert_close(alpha.sum(dim=1), torch.ones(5))
+    assert torch.all(alpha > 0)
+    out = model(first_batch(data))
+    assert out.logs["alpha_shared"] + out.logs["alpha_private"] == pytest.approx(1.0, abs=1e-6)
+    assert float(balance_kl(torch.full((4, 2), 0.5))) == pytest.approx(0.0, abs=1e-7)
+    assert float(balance_kl(torch.tensor([[0.9, 0.1], [0.9, 0.1]]))) > 0.3
+
+
+def test_shared_encoder_is_one_module_used_for_every_modality():
+    model, data = build()
+    batch = first_batch(data)
+    shared_modules = [name for name, _ in model.named_children() if name == "shared"]
+    assert shared_modules == ["shared"]
+    assert isinstance(model.shared, torch.nn.Sequential)  # not a per-modality ModuleDict
+    assert set(model.private) == set(MODALITIES)
+    seen = []
+    handle = model.shared.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[1]))
+    model(batch)
+    handle.remove()
+    assert seen == [batch.features(m).shape[1] for m in MODALITIES]  # one call per modality
+    # and the private encoders are distinct modules with distinct weights
+    weights = [model.private[m][0].weight for m in MODALITIES]
+    assert len({id(w) for w in weights}) == 3
+
+
+def test_hsic_is_zero_for_independent_and_positive_for_dependent_inputs():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 4, generator=g)
+    independent = float(rbf_hsic(x, torch.randn(300, 4, generator=g)))
+    dependent = float(rbf_hsic(x, x + 0.3 * torch.randn(300, 4, generator=g)))
+    nonlinear = float(rbf_hsic(x, x**2))  # uncorrelated with x, still dependent
+    same = float(rbf_hsic(x, x))
+    assert abs(independent) < 2e-3
+    assert dependent > 20 * abs(independent) and nonlinear > 5 * abs(independent)
+    assert same > dependent
+    one = rbf_hsic(x[:1], x[:1])
+    assert float(one) == 0.0 and torch.isfinite(one)
+
+
+def test_logs_and_epoch_end_report_alpha_and_beta():
+    model, data = build("classification")
+    model.train()
+    for batch in to_loader(data.splits["train"], data.info, 16, shuffle=False):
+        out = model(batch)
+    assert {"alpha_shared", "alpha_private", "beta_text", "beta_audio", "beta_vision", "tsf_gate"} <= set(out.logs)
+    logs = model.on_epoch_end(1, {})
+    assert {"alpha_shared", "alpha_private", "beta_text", "beta_audio", "beta_vision"} <= set(logs)
+    assert logs["alpha_shared"] + logs["alpha_private"] == pytest.approx(1.0, abs=1e-6)
+    assert "alpha_shared" not in model.on_epoch_end(2, {})  # reset: no training batch since
+
+
+@pytest.mark.parametrize(
+    "changes", [{}, {"use_tsf": False}, {"use_agpr": False}, {"use_brf": False}, {"use_borrowing": False}]
+)
+def test_padding_never_changes_a_prediction(changes):
+    model, data = build(**changes)
+    model.eval()
+    batch = first_batch(data)
+    fields = {}
+    for m in MODALITIES:
+        x, mask = batch.features(m), batch.mask(m)
+        fields[m] = torch.cat([x, torch.randn(x.shape[0], 6, x.shape[2]) * 100], dim=1)
+        fields[f"{m}_mask"] = torch.cat([mask, torch.zeros(x.shape[0], 6, dtype=torch.bool)], dim=1)
+    padded = Batch(**fields, labels=batch.labels, index=batch.index)
+    with torch.no_grad():
+        plain, longer = model(batch), model(padded)
+    torch.testing.assert_close(plain.prediction, longer.prediction, rtol=1e-4, atol=1e-5)
+    for name in plain.losses:
+        assert torch.isfinite(longer.losses[name]), name
+
+
+def test_text_encoder_branch_reads_raw_texts_and_has_its_own_lr():
+    data = make_data("classification")
+    for split, arrays in data.splits.items():
+        arrays.texts = [f"{split} utterance number {i} says hello" for i in range(len(arrays))]
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(DBRConfig.tiny(), text_encoder="tiny", text_lr=3e-5)
+    model = create_model("dbr", cfg, data.info)
+    assert "text" not in model.encoders
+    batch = first_batch(data)
+    out = model(batch)
+    sum(out.losses.values()).backward()
+    assert all(p.grad is not None for p in model.text_encoder.parameters() if p.requires_grad)
+    # the transcripts drive the text branch: other texts, other prediction
+    model.eval()
+    with torch.no_grad():
+        a = model(batch).prediction
+        batch.texts = ["something else entirely"] * batch.size
+        b = model(batch).prediction
+    assert not torch.allclose(a, b)
+    groups = model.parameter_groups(build_config().train)
+    encoder_ids = {id(p) for p in model.text_encoder.parameters()}
+    assert groups[1]["lr"] == 3e-5 and {id(p) for p in groups[1]["params"]} == encoder_ids
+    assert not encoder_ids & {id(p) for p in groups[0]["params"]}
+    batch.texts = None
+    with pytest.raises(ValueError, match="no raw transcripts"):
+        model(batch)
+
+
+def test_end_to_end_two_epochs_logs_the_rebalancing(tmp_path):
+    data = make_data("classification")
+    cfg = build_config(
+        {"model": {"name": "dbr", **dataclasses.asdict(DBRConfig.tiny())}},
+        ["train.epochs=2", "train.progress=false", "train.seeds=[3]", "train.patience=5"],
+    )
+    results = run_experiment(cfg, tmp_path, data=data)
+    assert results["model"] == "dbr" and results["selection"]["metric"] == "f1_macro"
+    assert 0.0 <= results["test_mean"]["acc"] <= 1.0
+    lines = [json.loads(line) for line in (tmp_path / "seed_3" / "log.jsonl").read_text().splitlines()]
+    assert len(lines) == 2
+    for record in lines:
+        for key in ("alpha_shared", "alpha_private", "beta_text", "beta_audio", "beta_vision",
+                    "train_cmd", "train_hsic", "train_balance", "train_leak"):
+            assert key in record, key
+        assert record["beta_text"] <= CAP
+        assert record["alpha_shared"] + record["alpha_private"] == pytest.approx(1.0, abs=1e-6)
