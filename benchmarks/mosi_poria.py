@@ -3,6 +3,10 @@ utterance features of Poria et al. (Poria's split; validation carved out of the 
 5 seeds each, selected on validation, test reported once per seed.
 
     python benchmarks/mosi_poria.py --data-root ../shared/data [--models lf_dnn tfn] [--seeds 1 2 3 4 5]
+        [--configs configs/pase/mosi-poria.yaml ...] [--epochs N]
+
+`--epochs N` caps every run at N epochs (a reduced CPU run); the cap is recorded with the row and
+shown in the table.
 
 Writes benchmarks/results/mosi_poria.md (mean ± population std over seeds) and .json, including a
 ridge-regression reference computed here on the same split, training throughput (samples/s) and the
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -59,7 +64,7 @@ def ridge_references(data_root: str) -> list[tuple[str, dict[str, float], dict]]
     return rows
 
 
-def run_one(config: Path, data_root: str, seeds: list[int], out: Path) -> dict:
+def run_one(config: Path, data_root: str, seeds: list[int], out: Path, epochs: int | None) -> dict:
     """Worker: train one config over the seeds; measure throughput on a separate timed pass."""
     import torch
 
@@ -70,8 +75,8 @@ def run_one(config: Path, data_root: str, seeds: list[int], out: Path) -> dict:
     from msakit.train.loop import build_optimizers, default_training_step
 
     torch.set_num_threads(1)
-    cfg = build_config(load_yaml(config), [f"data.data_root={data_root}", "train.progress=false",
-                                           f"train.seeds={seeds}"])
+    overrides = [f"data.data_root={data_root}", "train.progress=false", f"train.seeds={seeds}"]
+    cfg = build_config(load_yaml(config), overrides + ([f"train.epochs={epochs}"] if epochs else []))
     data = load_dataset(cfg.data)
     started = time.perf_counter()
     results = run_experiment(cfg, out, data=data)
@@ -103,6 +108,8 @@ def run_one(config: Path, data_root: str, seeds: list[int], out: Path) -> dict:
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "wall_s": wall,
         "params": sum(p.numel() for p in model.parameters()),
+        "epochs_cap": epochs,
+        "seeds": seeds,
     }
 
 
@@ -111,6 +118,8 @@ def main() -> None:
     parser.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"))
     parser.add_argument("--models", nargs="*", help="only these models (default: all with a config)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
+    parser.add_argument("--configs", nargs="*", help="only these config files")
+    parser.add_argument("--epochs", type=int, help="cap every run at this many epochs (reduced run)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -119,33 +128,52 @@ def main() -> None:
         sys.exit(f"{args.data_root}/mosi-poria not found: pass --data-root to the shared data folder")
     out = Path(args.out)
     if args.worker:
-        result = run_one(Path(args.worker), args.data_root, args.seeds, out / "runs" / Path(args.worker).parent.name)
+        worker = Path(args.worker)
+        result = run_one(worker, args.data_root, args.seeds, out / "runs" / worker.parent.name / worker.stem,
+                         args.epochs)
         print(json.dumps(result))
         return
 
     configs = sorted(ROOT.glob("configs/*/mosi-poria*.yaml"))
     if args.models:
         configs = [c for c in configs if c.parent.name in args.models]
+    if args.configs:
+        configs = [Path(c).resolve() for c in args.configs]
     previous = out / "mosi_poria.json"
-    rows = json.loads(previous.read_text()) if previous.is_file() else {}
+    out.mkdir(parents=True, exist_ok=True)
     for config in configs:
         print(f"== {config.relative_to(ROOT)}", flush=True)
         proc = subprocess.run(
             [sys.executable, __file__, "--worker", str(config), "--data-root", args.data_root,
-             "--out", str(out), "--seeds", *map(str, args.seeds)],
+             "--out", str(out), "--seeds", *map(str, args.seeds),
+             *(["--epochs", str(args.epochs)] if args.epochs else [])],
             capture_output=True, text=True,
         )
         if proc.returncode != 0:
             print(proc.stderr[-3000:], file=sys.stderr)
             sys.exit(f"{config}: benchmark run failed")
         result = json.loads(proc.stdout.strip().splitlines()[-1])
+        # re-read before each write: several benchmark processes may add rows side by side
+        rows = json.loads(previous.read_text()) if previous.is_file() else {}
         rows[str(config.relative_to(ROOT))] = result
+        partial = previous.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(json.dumps(rows, indent=2) + "\n")
+        partial.replace(previous)
         print(f"   MAE {result['test_mean']['mae']:.3f}  Non0-Acc2 {100 * result['test_mean']['non0_acc2']:.1f}"
               f"  ({result['samples_per_s']:.0f} samples/s, {result['wall_s']:.0f} s)", flush=True)
-    out.mkdir(parents=True, exist_ok=True)
-    previous.write_text(json.dumps(rows, indent=2) + "\n")
+    rows = json.loads(previous.read_text()) if previous.is_file() else {}
     write_markdown(rows, args.data_root, len(args.seeds), out / "mosi_poria.md")
     print((out / "mosi_poria.md").read_text())
+
+
+def row_label(config: str, row: dict) -> str:
+    """`model (config variant)`, plus the seeds count and the epoch cap of a reduced run."""
+    path = Path(config)
+    label = path.parent.name + ("" if path.stem == "mosi-poria" else f" ({path.stem})")
+    notes = [f"{len(row['seeds'])} seeds"] if len(row.get("seeds", [])) not in (0, 5) else []
+    if row.get("epochs_cap"):
+        notes.append(f"≤{row['epochs_cap']} epochs")
+    return label + (f" [{', '.join(notes)}]" if notes else "")
 
 
 def write_markdown(rows: dict, data_root: str, n_seeds: int, path: Path) -> None:
@@ -153,19 +181,19 @@ def write_markdown(rows: dict, data_root: str, n_seeds: int, path: Path) -> None
 
     reference = ridge_references(data_root)
     table = format_table(
-        reference + [(Path(k).parent.name + ("" if Path(k).stem == "mosi-poria" else f" ({Path(k).stem})"),
-                      r["test_mean"], r["test_std"]) for k, r in sorted(rows.items())],
+        reference + [(row_label(k, r), r["test_mean"], r["test_std"]) for k, r in sorted(rows.items())],
         KEYS,
     )
     cost = "\n".join(
-        f"| {Path(k).parent.name} ({Path(k).stem}) | {r['params']:,} | {r['samples_per_s']:.0f} | "
+        f"| {row_label(k, r)} | {r['params']:,} | {r['samples_per_s']:.0f} | "
         f"{r['peak_rss_mb']:.0f} | {r['wall_s']:.0f} |"
         for k, r in sorted(rows.items())
     )
     path.write_text(
         "# CMU-MOSI (Poria et al. utterance features), Poria's split\n\n"
-        f"Test split, mean ± population std over {n_seeds} seeds; checkpoint selected on validation "
-        "(videos held out of Poria's training videos). Accuracies and F1 in %.\n\n"
+        f"Test split, mean ± population std over {n_seeds} seeds unless the row says otherwise; "
+        "checkpoint selected on validation (videos held out of Poria's training videos); rows marked "
+        "≤N epochs were capped at N epochs for CPU time (reduced runs). Accuracies and F1 in %.\n\n"
         f"{table}\n\n"
         "| model | parameters | train samples/s (1 CPU thread) | peak RSS (MB) | wall (s, all seeds) |\n"
         "|---|---:|---:|---:|---:|\n"
