@@ -122,6 +122,20 @@ def run(config: Path, overrides: list[str], seeds: list[int], epochs: int | None
     }
 
 
+def merge_seeds(done: dict, new: dict) -> dict:
+    """One entry from two runs of the same settings on disjoint seeds (seed order kept)."""
+    from msakit.metrics import aggregate_seeds
+
+    merged = dict(new)
+    pairs = sorted(zip(done["per_seed"] + new["per_seed"], done["gates"] + new["gates"], strict=True),
+                   key=lambda pair: pair[0]["seed"])
+    merged["per_seed"], merged["gates"] = [p for p, _ in pairs], [g for _, g in pairs]
+    merged["seeds"] = [p["seed"] for p in merged["per_seed"]]
+    merged["test_mean"], merged["test_std"] = aggregate_seeds([p["test"] for p in merged["per_seed"]])
+    merged["wall_s"] = done["wall_s"] + new["wall_s"]
+    return merged
+
+
 def oracle_rows(part: str) -> list[tuple[str, dict, dict]]:
     """The planted data's best achievable test scores (from its latents), all modalities / text only."""
     from msakit.config import build_config
@@ -229,12 +243,16 @@ def main() -> None:
             continue
         for name, config, overrides in model_runs(part, args.models):
             done = rows.get(part, {}).get(name)
-            epochs_wanted = args.epochs
-            if done and done["seeds"] == args.seeds and (epochs_wanted is None or done["epochs"] <= epochs_wanted):
+            same_runs = done and done.get("epoch_cap") == args.epochs and done["overrides"] == overrides
+            seeds = [s for s in args.seeds if not same_runs or s not in done["seeds"]]
+            if not seeds:
                 print(f"== {part} / {name}: kept from {store.name}", flush=True)
                 continue
-            print(f"== {part} / {name} ({config.relative_to(ROOT)} {' '.join(overrides)})", flush=True)
-            result = run(config, overrides, args.seeds, args.epochs, args.data_root)
+            print(f"== {part} / {name} ({config.relative_to(ROOT)} {' '.join(overrides)}) seeds {seeds}",
+                  flush=True)
+            result = run(config, overrides, seeds, args.epochs, args.data_root)
+            if same_runs:  # same settings, more seeds: add them to the finished ones
+                result = merge_seeds(done, result)
             rows.setdefault(part, {})[name] = result
             main_key = "mae" if result["task"] == "regression" else "f1_macro"
             print(f"   test {main_key} {result['test_mean'][main_key]:.4f} ± {result['test_std'][main_key]:.4f}"

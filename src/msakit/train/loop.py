@@ -266,7 +266,7 @@ def fit(
             seed=seed * 100_003 + epoch, whole_videos=getattr(model, "whole_videos", False),
         )
         bar = tqdm(loader, desc=f"seed {seed} epoch {epoch + 1}/{train_cfg.epochs}",
-                   leave=False, disable=not train_cfg.progress)
+                   leave=False, disable=None if train_cfg.progress else True)  # None: off without a TTY
         step = model.training_step if hasattr(model, "training_step") else None
         for batch in bar:
             batch: Batch = batch.to(device)
