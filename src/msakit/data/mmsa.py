@@ -111,6 +111,23 @@ def to_float_array(value: Any, where: str) -> np.ndarray:
     return array
 
 
+def sequence_features(raw: dict, where: str, n: int, labels_name: str) -> dict[str, np.ndarray]:
+    """The text/audio/vision arrays of one split as float32 [N, L, D], checked: three dims, N rows
+    (as many as `labels_name` has), at least one frame and one feature. `where` prefixes errors."""
+    features: dict[str, np.ndarray] = {}
+    for m in MODALITIES:
+        name = f"{where}.{m}"
+        array = to_float_array(raw[m], name)
+        if array.ndim != 3:
+            raise DataError(f"{name} has shape {array.shape}, expected [N, L, D] (3 dims)")
+        if array.shape[0] != n:
+            raise DataError(f"{name} has {array.shape[0]} samples but {labels_name} has {n}")
+        if array.shape[1] == 0 or array.shape[2] == 0:
+            raise DataError(f"{name} has shape {array.shape}: no frames or no features")
+        features[m] = array
+    return features
+
+
 def _strings(value: Any, n: int, where: str) -> list[str]:
     items = list(np.asarray(value, dtype=object).reshape(-1))
     if len(items) != n:
@@ -152,17 +169,7 @@ def _read_split(raw: Any, path: Path, split: str, task: str) -> tuple[SplitArray
     else:
         labels = to_float_array(labels, f"{path}: {split}.{label_key}")
 
-    features: dict[str, np.ndarray] = {}
-    for m in MODALITIES:
-        where = f"{path}: {split}.{m}"
-        array = to_float_array(raw[m], where)
-        if array.ndim != 3:
-            raise DataError(f"{where} has shape {array.shape}, expected [N, L, D] (3 dims)")
-        if array.shape[0] != n:
-            raise DataError(f"{where} has {array.shape[0]} samples but {split}.{label_key} has {n}")
-        if array.shape[1] == 0 or array.shape[2] == 0:
-            raise DataError(f"{where} has shape {array.shape}: no frames or no features")
-        features[m] = array
+    features = sequence_features(raw, f"{path}: {split}", n, f"{split}.{label_key}")
 
     lengths: dict[str, np.ndarray] = {}
     steps_t = features["text"].shape[1]

@@ -28,7 +28,7 @@ import numpy as np
 from msakit.batch import MODALITIES
 from msakit.data import register_dataset
 from msakit.data.base import SPLITS, DataError, DatasetInfo, MultimodalData, SplitArrays, validate
-from msakit.data.mmsa import lengths_from_padding, to_float_array
+from msakit.data.mmsa import lengths_from_padding, sequence_features, to_float_array
 from msakit.data.safe_pickle import load_pickle, save_pickle
 
 if TYPE_CHECKING:
@@ -81,17 +81,7 @@ def _read_split(raw: Any, path: Path, split: str) -> tuple[SplitArrays, bool]:
             raise DataError(f"{path}: {split}.{key} is missing")
     labels, iemocap = _labels(raw, path, split)
     n = labels.shape[0]
-    features = {}
-    for m in MODALITIES:
-        where = f"{path}: {split}.{m}"
-        array = to_float_array(raw[m], where)
-        if array.ndim != 3:
-            raise DataError(f"{where} has shape {array.shape}, expected [N, L, D] (3 dims)")
-        if array.shape[0] != n:
-            raise DataError(f"{where} has {array.shape[0]} samples but {split}.labels has {n}")
-        if array.shape[1] == 0 or array.shape[2] == 0:
-            raise DataError(f"{where} has shape {array.shape}: no frames or no features")
-        features[m] = array
+    features = sequence_features(raw, f"{path}: {split}", n, f"{split}.labels")
     steps = {features[m].shape[1] for m in MODALITIES}
     if len(steps) != 1:
         raise DataError(
