@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import sys
 import tempfile
 import time
@@ -120,6 +121,22 @@ def run(config: Path, overrides: list[str], seeds: list[int], epochs: int | None
         "task": results["info"]["task"],
         "wall_s": time.perf_counter() - started,
     }
+
+
+def save_entry(store: Path, part: str | None, name: str | None, result: dict | None,
+               skipped: dict) -> tuple[dict, dict]:
+    """Write one finished entry (none when part is None) into the results file, re-reading it
+    first so that benchmark processes running other parts side by side keep theirs (atomic
+    replace). A part with results is not listed as skipped. Returns the rows and skip reasons."""
+    saved = json.loads(store.read_text()) if store.is_file() else {}
+    rows = saved.get("rows", {})
+    if part is not None:
+        rows.setdefault(part, {})[name] = result
+    skipped = {k: v for k, v in {**saved.get("skipped", {}), **skipped}.items() if not rows.get(k)}
+    partial = store.with_suffix(f".{os.getpid()}.tmp")
+    partial.write_text(json.dumps({"rows": rows, "skipped": skipped}, indent=2) + "\n")
+    partial.replace(store)
+    return rows, skipped
 
 
 def merge_seeds(done: dict, new: dict) -> dict:
@@ -253,12 +270,11 @@ def main() -> None:
             result = run(config, overrides, seeds, args.epochs, args.data_root)
             if same_runs:  # same settings, more seeds: add them to the finished ones
                 result = merge_seeds(done, result)
-            rows.setdefault(part, {})[name] = result
+            rows, skipped = save_entry(store, part, name, result, skipped)
             main_key = "mae" if result["task"] == "regression" else "f1_macro"
             print(f"   test {main_key} {result['test_mean'][main_key]:.4f} ± {result['test_std'][main_key]:.4f}"
                   f"  ({result['wall_s']:.0f} s)  {gate_summary(result)}", flush=True)
-            store.write_text(json.dumps({"rows": rows, "skipped": skipped}, indent=2) + "\n")
-    store.write_text(json.dumps({"rows": rows, "skipped": skipped}, indent=2) + "\n")
+    rows, skipped = save_entry(store, None, None, None, skipped)
     write_markdown(rows, skipped, out / "dbr.md")
     print((out / "dbr.md").read_text())
 
