@@ -121,6 +121,7 @@ def main() -> None:
     parser.add_argument("--configs", nargs="*", help="only these config files")
     parser.add_argument("--epochs", type=int, help="cap every run at this many epochs (reduced run)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--report-only", action="store_true", help="rewrite the .md from the .json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -141,7 +142,7 @@ def main() -> None:
         configs = [Path(c).resolve() for c in args.configs]
     previous = out / "mosi_poria.json"
     out.mkdir(parents=True, exist_ok=True)
-    for config in configs:
+    for config in [] if args.report_only else configs:
         print(f"== {config.relative_to(ROOT)}", flush=True)
         proc = subprocess.run(
             [sys.executable, __file__, "--worker", str(config), "--data-root", args.data_root,
