@@ -401,6 +401,21 @@ def test_utterance_level_data_decouples_over_the_videos_utterances():
     assert not torch.allclose(plain[4:8], changed_pred[4:8])
 
 
+def test_utterance_residual_adds_each_utterances_own_features_back():
+    data = utterance_data()
+    batch = batches(data, batch_size=3, whole_videos=True)[0]
+    torch.manual_seed(0)
+    with_residual = MMCL(tiny(use_intra_attention=False), data.info).eval()
+    without = MMCL(tiny(use_intra_attention=False, utterance_residual=False), data.info).eval()
+    without.load_state_dict(with_residual.state_dict())
+    seq = with_residual.sequences(batch)
+    with torch.no_grad():
+        common, specific = with_residual.decoupled(seq)
+        mixed_common, mixed_specific = without.decoupled(seq)
+    torch.testing.assert_close(common - mixed_common, seq.x)
+    torch.testing.assert_close(specific - mixed_specific, seq.x)
+
+
 def test_utterance_mode_trains_end_to_end(tmp_path):
     results = run_experiment(
         config("train.epochs=2", "data.batch_size=3"), tmp_path, data=utterance_data()
