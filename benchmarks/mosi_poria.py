@@ -163,7 +163,8 @@ def main() -> None:
         print(f"   MAE {result['test_mean']['mae']:.3f}  Non0-Acc2 {100 * result['test_mean']['non0_acc2']:.1f}"
               f"  ({result['samples_per_s']:.0f} samples/s, {result['wall_s']:.0f} s)", flush=True)
     rows = json.loads(previous.read_text()) if previous.is_file() else {}
-    write_markdown(rows, args.data_root, len(args.seeds), out / "mosi_poria.md")
+    table = write_markdown(rows, args.data_root, len(args.seeds), out / "mosi_poria.md")
+    update_readme(table)
     print((out / "mosi_poria.md").read_text())
 
 
@@ -177,7 +178,18 @@ def row_label(config: str, row: dict) -> str:
     return label + (f" [{', '.join(notes)}]" if notes else "")
 
 
-def write_markdown(rows: dict, data_root: str, n_seeds: int, path: Path) -> None:
+def update_readme(table: str) -> None:
+    """Put the metrics table between the README's `<!-- mosi-poria-table -->` markers."""
+    readme = ROOT / "README.md"
+    start, end = "<!-- mosi-poria-table -->", "<!-- /mosi-poria-table -->"
+    text = readme.read_text()
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        readme.write_text(f"{head}{start}\n{table}\n{end}{rest.split(end, 1)[1]}")
+
+
+def write_markdown(rows: dict, data_root: str, n_seeds: int, path: Path) -> str:
+    """Writes the report; returns its metrics table."""
     from msakit.metrics import format_table
 
     reference = ridge_references(data_root)
@@ -200,6 +212,7 @@ def write_markdown(rows: dict, data_root: str, n_seeds: int, path: Path) -> None
         "|---|---:|---:|---:|---:|\n"
         f"{cost}\n"
     )
+    return table
 
 
 if __name__ == "__main__":
