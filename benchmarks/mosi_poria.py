@@ -188,15 +188,37 @@ def update_readme(table: str) -> None:
         readme.write_text(f"{head}{start}\n{table}\n{end}{rest.split(end, 1)[1]}")
 
 
+def other_benchmarks(results: Path) -> list[tuple[str, dict, dict]]:
+    """mosi-poria rows written by the methods' own benchmarks (psa_mf_mosi.py, dbr.py), so that
+    the table shows every model beside the baselines."""
+    from msakit.metrics import aggregate_seeds
+
+    rows = []
+    psa_mf = results / "psa_mf_mosi.json"
+    if psa_mf.is_file():
+        saved = json.loads(psa_mf.read_text())
+        for variant in dict.fromkeys(r["variant"] for r in saved["runs"]):
+            runs = [r for r in saved["runs"] if r["variant"] == variant]
+            epochs = max(r["max_epochs"] for r in runs)
+            mean, std = aggregate_seeds([r["test"] for r in runs])
+            name = "psa_mf" + ("" if variant == "full" else f" ({variant})")
+            rows.append((f"{name} [{len(runs)} seeds, ≤{epochs} epochs; psa_mf_mosi.py]", mean, std))
+    dbr = results / "dbr.json"
+    if dbr.is_file():
+        for name, r in json.loads(dbr.read_text())["rows"].get("mosi-poria", {}).items():
+            if name.startswith("dbr"):
+                cap = f", ≤{r['epochs']} epochs" if r.get("epoch_cap") else ""
+                rows.append((f"{name} [{len(r['seeds'])} seeds{cap}; dbr.py]", r["test_mean"], r["test_std"]))
+    return rows
+
+
 def write_markdown(rows: dict, data_root: str, n_seeds: int, path: Path) -> str:
     """Writes the report; returns its metrics table."""
     from msakit.metrics import format_table
 
     reference = ridge_references(data_root)
-    table = format_table(
-        reference + [(row_label(k, r), r["test_mean"], r["test_std"]) for k, r in sorted(rows.items())],
-        KEYS,
-    )
+    ours = [(row_label(k, r), r["test_mean"], r["test_std"]) for k, r in sorted(rows.items())]
+    table = format_table(reference + ours + other_benchmarks(path.parent), KEYS)
     cost = "\n".join(
         f"| {row_label(k, r)} | {r['params']:,} | {r['samples_per_s']:.0f} | "
         f"{r['peak_rss_mb']:.0f} | {r['wall_s']:.0f} |"
