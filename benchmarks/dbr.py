@@ -15,7 +15,7 @@ population std over seeds. DBR's mean branch weights (alpha) and borrowing gates
 selected epoch are reported so the rebalancing can be inspected.
 
     python benchmarks/dbr.py --data-root ../shared/data [--seeds 1 2 3 4 5] [--epochs N]
-        [--parts synthetic mintrec-synth mosi-poria mintrec-text] [--models dbr misa lf_dnn ...]
+        [--parts synthetic mintrec-synth mosi-poria mintrec-text] [--models dbr 'dbr w/o TSF' misa ...]
 
 --epochs caps every config's epoch count (reduced CPU runs); finished (part, model, seeds, epochs)
 entries are kept in benchmarks/results/dbr.json and not rerun unless --fresh. Writes
@@ -68,7 +68,7 @@ def model_runs(part: str, models: list[str]) -> list[tuple[str, Path, list[str]]
     extra = MINTREC_SYNTH if part == "mintrec-synth" else []
     runs = []
     for name, sets in DBR_VARIANTS.items():
-        if name.split()[0] in models or name in models:
+        if name in models:
             runs.append((name, ROOT / f"configs/dbr/{dataset}.yaml", sets + extra))
     for name in ("misa", "lf_dnn"):
         if name not in models:
@@ -236,8 +236,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     parser.add_argument("--epochs", type=int, default=None, help="cap on every config's epochs")
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
-    parser.add_argument("--models", nargs="+", default=["dbr", "misa", "lf_dnn"],
-                        help="dbr (all five DBR rows), a single DBR row name, misa, lf_dnn")
+    parser.add_argument("--models", nargs="+", default=[*DBR_VARIANTS, "misa", "lf_dnn"],
+                        help="row names: dbr, 'dbr w/o TSF', ..., misa, lf_dnn (default: all)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--fresh", action="store_true", help="ignore finished entries in dbr.json")
     args = parser.parse_args()
