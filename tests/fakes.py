@@ -48,3 +48,26 @@ def make_data(task: str = "regression", sizes=(48, 16, 16), seed: int = 0) -> Mu
     for arrays in splits.values():  # utterances of four consecutive samples share a video
         arrays.groups = np.arange(len(arrays)) // 4
     return validate(MultimodalData(info, splits, source="fake"))
+
+
+def run_interrupted(cfg, out, data: MultimodalData, monkeypatch, saves: int) -> None:
+    """Run an experiment that dies (KeyboardInterrupt) right after its `saves`-th checkpoint
+    write (one per epoch), as a killed process would; the real writer is restored afterwards."""
+    import pytest
+
+    import msakit.train.loop as loop
+    from msakit.train.experiment import run_experiment
+
+    real_save = loop.save_checkpoint
+    calls = {"n": 0}
+
+    def crash_after_the_last_wanted_save(state, path):
+        real_save(state, path)
+        calls["n"] += 1
+        if calls["n"] == saves:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "save_checkpoint", crash_after_the_last_wanted_save)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg, out, data=data)
+    monkeypatch.setattr(loop, "save_checkpoint", real_save)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fakes import make_data
+from fakes import make_data, run_interrupted
 
 from msakit.batch import MODALITIES, Batch
 from msakit.config import build_config, load_yaml
@@ -162,7 +162,6 @@ def test_self_mm_memory_survives_state_dict_round_trip_and_trains_unimodal_heads
 
 
 def test_self_mm_resume_restores_label_memory(tmp_path, monkeypatch):
-    import msakit.train.loop as loop
 
     data = make_data()
     fields = dataclasses.asdict(get_model_entry("self_mm").config_cls.tiny())
@@ -170,19 +169,7 @@ def test_self_mm_resume_restores_label_memory(tmp_path, monkeypatch):
                        ["train.progress=false", "data.batch_size=16", "train.epochs=3",
                         "train.patience=100"])
     whole = run_experiment(cfg, tmp_path / "whole", data=data)
-    real_save = loop.save_checkpoint
-    calls = {"n": 0}
-
-    def crash_after_two_epochs(state, path):
-        real_save(state, path)
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(loop, "save_checkpoint", crash_after_two_epochs)
-    with pytest.raises(KeyboardInterrupt):
-        run_experiment(cfg, tmp_path / "cut", data=data)
-    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    run_interrupted(cfg, tmp_path / "cut", data, monkeypatch, saves=2)
     resumed = run_experiment(cfg, tmp_path / "cut", resume=True, data=data)
     assert resumed["per_seed"][0]["test"] == whole["per_seed"][0]["test"]
     a = load_checkpoint(tmp_path / "whole" / "seed_1" / "last.pt")["model"]

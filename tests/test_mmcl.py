@@ -11,9 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fakes import make_data
+from fakes import make_data, run_interrupted
 
-import msakit.train.loop as loop
 from msakit.batch import MODALITIES
 from msakit.cli import main
 from msakit.config import TrainConfig, build_config, load_yaml
@@ -285,19 +284,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypat
     sets = ("train.epochs=3", "train.scheduler=plateau", "train.plateau_patience=0")
     whole = run_experiment(config(*sets), tmp_path / "whole", data=data)
 
-    real_save = loop.save_checkpoint
-    calls = {"n": 0}
-
-    def crash_after_one_epoch(state, path):
-        real_save(state, path)
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise KeyboardInterrupt  # the process dies right after epoch 1 was checkpointed
-
-    monkeypatch.setattr(loop, "save_checkpoint", crash_after_one_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        run_experiment(config(*sets), tmp_path / "cut", data=data)
-    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    run_interrupted(config(*sets), tmp_path / "cut", data, monkeypatch, saves=1)
     assert (
         int(load_checkpoint(tmp_path / "cut" / "seed_1" / "last.pt")["model"]["replay.count"]) > 0
     )

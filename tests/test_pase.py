@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from fakes import make_data
+from fakes import make_data, run_interrupted
 
 from msakit.analysis import mask_modalities, modality_contributions, subset_predictions
 from msakit.batch import MODALITIES, Batch
@@ -303,7 +303,6 @@ def test_training_logs_shapley_and_reaches_phase_two(tmp_path):
 
 
 def test_resume_across_the_phase_switch_matches_an_uninterrupted_run(tmp_path, monkeypatch):
-    import msakit.train.loop as loop
     from msakit.train.checkpoint import load_checkpoint
 
     def cfg():
@@ -315,19 +314,7 @@ def test_resume_across_the_phase_switch_matches_an_uninterrupted_run(tmp_path, m
 
     data = make_data()
     whole = run_experiment(cfg(), tmp_path / "whole", data=data)
-    real_save = loop.save_checkpoint
-    calls = {"n": 0}
-
-    def crash_after_two_epochs(state, path):
-        real_save(state, path)
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(loop, "save_checkpoint", crash_after_two_epochs)
-    with pytest.raises(KeyboardInterrupt):
-        run_experiment(cfg(), tmp_path / "cut", data=data)
-    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    run_interrupted(cfg(), tmp_path / "cut", data, monkeypatch, saves=2)
     assert int(load_checkpoint(tmp_path / "cut" / "seed_1" / "last.pt")["model"]["phase"]) == 2
     resumed = run_experiment(cfg(), tmp_path / "cut", resume=True, data=data)
     assert resumed["per_seed"][0]["test"] == whole["per_seed"][0]["test"]

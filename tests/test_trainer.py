@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from fakes import make_data
+from fakes import make_data, run_interrupted
 
 import msakit.train.loop as loop
 from msakit.config import build_config
@@ -66,19 +66,8 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypat
     data = make_data()
     whole = run_experiment(config("train.epochs=4", "train.patience=100", model=model), tmp_path / "whole", data=data)
 
-    real_save = loop.save_checkpoint
-    calls = {"n": 0}
-
-    def crash_after_two_epochs(state, path):
-        real_save(state, path)
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt  # the process dies right after epoch 2 was checkpointed
-
-    monkeypatch.setattr(loop, "save_checkpoint", crash_after_two_epochs)
-    with pytest.raises(KeyboardInterrupt):
-        run_experiment(config("train.epochs=4", "train.patience=100", model=model), tmp_path / "cut", data=data)
-    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    cut = config("train.epochs=4", "train.patience=100", model=model)
+    run_interrupted(cut, tmp_path / "cut", data, monkeypatch, saves=2)
     assert load_checkpoint(tmp_path / "cut" / "seed_1" / "last.pt")["epoch"] == 2
     resumed = run_experiment(
         config("train.epochs=4", "train.patience=100", model=model), tmp_path / "cut", resume=True, data=data
