@@ -194,10 +194,9 @@ def write_markdown(rows: dict, skipped: dict, path: Path) -> None:
         "src/msakit/models/dbr.py. Test split, mean ± population std over seeds; every checkpoint "
         "selected on validation. Accuracies/F1/precision/recall in %. Produced by "
         "`python benchmarks/dbr.py`.\n",
-        "Runs marked (capped) were cut to fewer epochs than their config (`--epochs`) and often "
-        "fewer seeds than 5: a reduced CPU run, under-trained, not a conclusion about the method. "
-        "An ablation row that beats the full model means that component did not help in that "
-        "run.\n",
+        "Runs marked (capped) were cut to fewer epochs than their config (`--epochs`): reduced "
+        "CPU runs, possibly under-trained, not the last word on the method. An ablation row that "
+        "beats the full model means that component did not help in that run.\n",
     ]
     for part in PARTS:
         entries = rows.get(part, {})
