@@ -79,8 +79,9 @@ Deviations and choices of ours:
       per utterance (scattered back to the batch rows). The decoupling's rows mix the video's
       utterances, so `utterance_residual` (on by default) adds each utterance's own x_u to its
       common and specific parts; without it an utterance's features are lost in the mixture.
-      Transitions are per video; a video's reward is the mean of its utterances' rewards. "auto" turns this on for data whose max
-      lengths are all 1; "off" refuses such data with a message.
+      Transitions are per video; a video's reward is the mean of its utterances' rewards.
+      "auto" turns this on for data whose max lengths are all 1; "off" refuses such data with a
+      message.
     - target networks are independently initialised (as the release, which builds fresh
       networks rather than copies) and only their parameters are soft-updated; the target
       actor is the policy alone (the only part pi'(s') uses).
