@@ -85,3 +85,12 @@ def orthogonality_loss(x1: torch.Tensor, x2: torch.Tensor, eps: float = 1e-6) ->
     x1 = x1 / (x1.norm(dim=1, keepdim=True).detach() + eps)
     x2 = x2 / (x2.norm(dim=1, keepdim=True).detach() + eps)
     return (x1.t() @ x2).pow(2).mean()
+
+
+def clip_loss(x: torch.Tensor, y: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Symmetric InfoNCE (CLIP) between matched rows: x, y [B, D], L2-normalised here -> scalar.
+    0 for B = 1."""
+    x, y = F.normalize(x, dim=-1), F.normalize(y, dim=-1)
+    logits = x @ y.t() / temperature  # [B, B]
+    targets = torch.arange(x.shape[0], device=x.device)
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2

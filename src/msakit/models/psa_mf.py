@@ -78,7 +78,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from msakit.batch import Batch, ModelOutput
 from msakit.config import ConfigError
 from msakit.data.base import DatasetInfo
-from msakit.losses import shape_prediction, task_loss
+from msakit.losses import clip_loss, shape_prediction, task_loss
 from msakit.models.base import check_choice, task_output
 from msakit.modules.attention import MaskedMultiheadAttention
 from msakit.registry import register_model
@@ -164,15 +164,6 @@ class PSAMFConfig:
         """Random tiny encoders (no download, no packaged weights), small fusion."""
         return cls(text_encoder="tiny", personality_encoder="tiny", missing_text="empty",
                    hidden=8, align_dim=8, clip_dim=8, serial_dim=16, fusion_dim=8, head_hidden=8)
-
-
-def clip_loss(x: torch.Tensor, y: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Symmetric InfoNCE (CLIP) between matched rows: x, y [B, D], L2-normalised here -> scalar.
-    0 for B = 1."""
-    x, y = F.normalize(x, dim=-1), F.normalize(y, dim=-1)
-    logits = x @ y.t() / temperature  # [B, B]
-    targets = torch.arange(x.shape[0], device=x.device)
-    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
 
 
 class ClipAlignment(nn.Module):
