@@ -27,11 +27,12 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from results_store import update_json
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("synthetic", "mintrec-synth", "mosi-poria", "mintrec-text")
@@ -128,15 +129,15 @@ def save_entry(store: Path, part: str | None, name: str | None, result: dict | N
     """Write one finished entry (none when part is None) into the results file, re-reading it
     first so that benchmark processes running other parts side by side keep theirs (atomic
     replace). A part with results is not listed as skipped. Returns the rows and skip reasons."""
-    saved = json.loads(store.read_text()) if store.is_file() else {}
-    rows = saved.get("rows", {})
-    if part is not None:
-        rows.setdefault(part, {})[name] = result
-    skipped = {k: v for k, v in {**saved.get("skipped", {}), **skipped}.items() if not rows.get(k)}
-    partial = store.with_suffix(f".{os.getpid()}.tmp")
-    partial.write_text(json.dumps({"rows": rows, "skipped": skipped}, indent=2) + "\n")
-    partial.replace(store)
-    return rows, skipped
+    def change(saved: dict) -> dict:
+        rows = saved.get("rows", {})
+        if part is not None:
+            rows.setdefault(part, {})[name] = result
+        reasons = {**saved.get("skipped", {}), **skipped}
+        return {"rows": rows, "skipped": {k: v for k, v in reasons.items() if not rows.get(k)}}
+
+    written = update_json(store, change)
+    return written["rows"], written["skipped"]
 
 
 def merge_seeds(done: dict, new: dict) -> dict:

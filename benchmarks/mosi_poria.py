@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -25,6 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from results_store import update_json
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = ["mae", "corr", "acc7", "acc5", "has0_acc2", "has0_f1", "non0_acc2", "non0_f1"]
@@ -154,12 +154,8 @@ def main() -> None:
             print(proc.stderr[-3000:], file=sys.stderr)
             sys.exit(f"{config}: benchmark run failed")
         result = json.loads(proc.stdout.strip().splitlines()[-1])
-        # re-read before each write: several benchmark processes may add rows side by side
-        rows = json.loads(previous.read_text()) if previous.is_file() else {}
-        rows[str(config.relative_to(ROOT))] = result
-        partial = previous.with_suffix(f".{os.getpid()}.tmp")
-        partial.write_text(json.dumps(rows, indent=2) + "\n")
-        partial.replace(previous)
+        key = str(config.relative_to(ROOT))
+        update_json(previous, lambda rows, key=key, result=result: {**rows, key: result})
         print(f"   MAE {result['test_mean']['mae']:.3f}  Non0-Acc2 {100 * result['test_mean']['non0_acc2']:.1f}"
               f"  ({result['samples_per_s']:.0f} samples/s, {result['wall_s']:.0f} s)", flush=True)
     rows = json.loads(previous.read_text()) if previous.is_file() else {}
