@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from results_store import update_json
 
 ROOT = Path(__file__).resolve().parents[1]
 SPLITS = ("train", "valid", "test")
@@ -261,7 +262,7 @@ def main() -> None:
     report["wall_s"] = time.perf_counter() - started
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "mmcl_synthetic.json").write_text(json.dumps(report, indent=2) + "\n")
+    update_json(out / "mmcl_synthetic.json", lambda _: report)
     write_markdown(report, out / "mmcl_synthetic.md")
     print((out / "mmcl_synthetic.md").read_text())
 

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from results_store import update_json
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "psa_mf" / "mosi-poria.yaml"
@@ -119,7 +120,7 @@ def main() -> None:
             print(f"== {variant} seed {seed}", flush=True)
             run = run_variant_seed(variant, seed, args, data, runs_dir)
             runs.append(run)
-            json_path.write_text(json.dumps({"meta": meta, "runs": runs}, indent=2) + "\n")
+            update_json(json_path, lambda _: {"meta": meta, "runs": runs})  # atomic: --resume reads it
             print(f"   test MAE {run['test']['mae']:.3f}  Non0-Acc2 {100 * run['test']['non0_acc2']:.1f}  "
                   f"best epoch {run['best_epoch']}/{run['epochs_run']}  "
                   f"{np.mean(run['epoch_seconds']):.0f} s/epoch", flush=True)
