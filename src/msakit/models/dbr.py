@@ -39,8 +39,15 @@ Shapes (B batch, L_m length of modality m, D = `hidden`, K = `num_anchors`, G = 
     anchors A_m [K, D] per modality; r = softmax(cos(P_m, A_m) / tau) [B, L_m, K]
     own_m = r A_m + P_m                      (anchor mixture plus residual)
     borrow_m = attention(query P_m, keys/values = anchors of the OTHER two modalities [2K, D])
-    beta_m = borrow_cap * sigmoid(b_m)  (borrow_cap 0.3: at most 30% borrowed)
+    beta_m = borrow_cap * sigmoid(w_m . p_m + b_m)  per sample, from the modality's OWN pooled
+             private vector p_m (borrow_cap 0.3: at most 30% borrowed; w_m = b_m = 0 at init,
+             so beta_m starts at 0.15)                                                 [B]
     R_m = (1 - beta_m) own_m + beta_m borrow_m;  h^p_m = mean_t R_m                    [B, D]
+    The gate [ours, issue 10] was a scalar b_m per modality trained at train.lr: under Adam it
+    moves ~lr per step and beta_m = 0.3 sigmoid(b_m) has slope 0.075, so beta could change by
+    ~0.004 in a 10-epoch run and the three gates stayed equal (0.15). Now the gate is computed
+    from the tokens (a gradient step moves the logit by ~D x lr) and (w_m, b_m) learn at
+    borrow_lr_scale x train.lr (default 10) through their own optimiser group.
     losses "anchor_orth" = anchor_weight * mean_m ||Â_m Â_m^T - I||_F^2 / K^2  (Â: unit rows)
            "unimodal"    = unimodal_weight * mean_m task loss of Linear_m(h^p_m)  (aux heads)
            "leak"        = leak_weight * sum_m orth(h^p_m, h^s_m)    (no shared info in private)
@@ -58,14 +65,15 @@ Loss weights: sim 1.0, diff 0.3, recon 1.0 (MISA's; MIntRec: 0.7 / 0.7 / 0.6 via
 hsic 0.1, balance 0.1 from the spec; anchor 0.1, unimodal 0.3, leak 0.3 and tau 0.1 are [ours].
 A weight of 0 drops its term; use_tsf / use_agpr / use_borrowing / use_brf switch whole parts off.
 
-Logged (inspect the rebalancing in log.jsonl): alpha_shared, alpha_private (mean over the epoch's
-training batches, gathered in forward as a diagnostic only), beta_text/audio/vision, tsf_gate
-(mean g). ModelOutput.logs carries the same values per batch.
+Logged (inspect the rebalancing in log.jsonl): alpha_shared, alpha_private, beta_text/audio/vision
+and tsf_gate (mean g), each the mean over the epoch's training batches (gathered in forward as a
+diagnostic only). ModelOutput.logs carries the same values per batch (batch means).
 
 Padding: every attention has a key mask and every pooling a length mask; padded frames never
 change a prediction. A sequence has at least one real frame (the loaders guarantee it).
 Deviations: there is no paper to deviate from; see [ours] above. Text encoder fine-tuning uses
-its own learning rate (`text_lr`, 2e-5 per the spec) through `parameter_groups`.
+its own learning rate (`text_lr`, 2e-5 per the spec) and the borrowing gates theirs
+(`borrow_lr_scale` x train.lr) through `parameter_groups`.
 """
 
 from __future__ import annotations
@@ -136,7 +144,10 @@ class DBRConfig:
     route_tau: float = 0.1
     """[ours] Temperature of the anchor routing softmax(cos / tau)."""
     borrow_cap: float = 0.3
-    """beta_m = borrow_cap * sigmoid(b_m): the largest share a modality may borrow."""
+    """beta_m = borrow_cap * sigmoid(w_m . p_m + b_m): the largest share a modality may borrow."""
+    borrow_lr_scale: float = 10.0
+    """[ours] The borrowing gates (w_m, b_m) learn at borrow_lr_scale * train.lr (1 = like the
+    rest): at train.lr under Adam a gate moves too little in a short run to be learnt."""
     channel_groups: int = 4
     """G: channel groups per modality in TSF's structural path (must divide `hidden`)."""
 
@@ -146,7 +157,7 @@ class DBRConfig:
         if self.channel_groups < 1 or self.hidden % self.channel_groups:
             raise ValueError("model.channel_groups must divide model.hidden")
         for name in ("sim_weight", "diff_weight", "recon_weight", "hsic_weight", "balance_weight",
-                     "anchor_weight", "unimodal_weight", "leak_weight", "text_lr"):
+                     "anchor_weight", "unimodal_weight", "leak_weight", "text_lr", "borrow_lr_scale"):
             if getattr(self, name) < 0:
                 raise ValueError(f"model.{name} must be >= 0")
         if self.num_anchors < 1:
@@ -240,7 +251,7 @@ class TSF(nn.Module):
 
 class AGPR(nn.Module):
     """Anchor-Guided Private Routing (see the module docstring).
-    private {m: [B, L_m, D]}, masks -> (h^p [B, 3, D], beta [3] or None)."""
+    private {m: [B, L_m, D]}, masks -> (h^p [B, 3, D], beta [B, 3] or None)."""
 
     def __init__(self, dim: int, heads: int, anchors: int, tau: float, cap: float, borrowing: bool):
         super().__init__()
@@ -251,14 +262,22 @@ class AGPR(nn.Module):
         self.borrow = None
         if borrowing:
             self.borrow = nn.ModuleDict({m: MaskedMultiheadAttention(dim, heads) for m in MODALITIES})
-            self.borrow_logit = nn.Parameter(torch.zeros(len(MODALITIES)))  # b_m
+            # [ours] the gate reads the modality's own pooled private tokens; zero init = cap / 2
+            self.borrow_gate = nn.ModuleDict({m: nn.Linear(dim, 1) for m in MODALITIES})
+            for gate in self.borrow_gate.values():
+                nn.init.zeros_(gate.weight)
+                nn.init.zeros_(gate.bias)
 
-    def beta(self) -> torch.Tensor | None:
-        """[3] borrowing gates beta_m = cap * sigmoid(b_m), in MODALITIES order."""
-        return None if self.borrow is None else self.cap * torch.sigmoid(self.borrow_logit)
+    def beta(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Borrowing gates beta_m = cap * sigmoid(w_m . p_m + b_m): pooled private vectors
+        p [B, 3, D] (MODALITIES order) -> [B, 3], each in [0, cap]."""
+        logits = [self.borrow_gate[m](pooled[:, i]) for i, m in enumerate(MODALITIES)]  # [B, 1] each
+        return self.cap * torch.sigmoid(torch.cat(logits, dim=1))
 
     def forward(self, private: dict, masks: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
-        beta = self.beta()
+        beta = None
+        if self.borrow is not None:
+            beta = self.beta(torch.stack([masked_mean(private[m], masks[m]) for m in MODALITIES], dim=1))
         out = []
         for i, m in enumerate(MODALITIES):
             p, anchors = private[m], self.anchors[m]  # [B, L, D], [K, D]
@@ -270,7 +289,8 @@ class AGPR(nn.Module):
                 others = others.unsqueeze(0).expand(p.shape[0], -1, -1)
                 visible = torch.ones(others.shape[:2], dtype=torch.bool, device=p.device)
                 borrowed = self.borrow[m](p, others, others, visible)  # [B, L, D]
-                routed = (1.0 - beta[i]) * routed + beta[i] * borrowed
+                b = beta[:, i, None, None]  # [B, 1, 1]
+                routed = (1.0 - b) * routed + b * borrowed
             out.append(masked_mean(routed, masks[m]))
         return torch.stack(out, dim=1), beta
 
@@ -345,8 +365,8 @@ class DBR(nn.Module):
         self.head = nn.Sequential(
             nn.Dropout(cfg.dropout), nn.Linear(fused, d), nn.ReLU(), nn.Linear(d, info.output_dim)
         )
-        self._alpha_sum = torch.zeros(2)  # diagnostic: training alpha summed over the epoch
-        self._alpha_batches = 0
+        self._log_sums: dict[str, float] = {}  # diagnostic: training logs summed over the epoch
+        self._log_batches = 0
 
     # -- hooks used by the generic trainer
 
@@ -357,30 +377,23 @@ class DBR(nn.Module):
         return self
 
     def parameter_groups(self, train_cfg) -> list[dict]:
-        """The text encoder at `text_lr`, everything else at train.lr."""
-        encoder = {id(p) for p in self.text_encoder.parameters()} if self.text_encoder is not None else set()
-        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in encoder]
-        groups = [{"params": rest}]
-        own = [p for p in self.parameters() if p.requires_grad and id(p) in encoder]
-        if own:
-            groups.append({"params": own, "lr": self.cfg.text_lr})
-        return groups
+        """The text encoder at `text_lr`, the borrowing gates at `borrow_lr_scale * train.lr`,
+        everything else at train.lr (first group)."""
+        own_lr = {"text_encoder.": self.cfg.text_lr, "agpr.borrow_gate.": self.cfg.borrow_lr_scale * train_cfg.lr}
+        groups = {prefix: [] for prefix in ("", *own_lr)}
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                groups[next((k for k in own_lr if name.startswith(k)), "")].append(p)
+        return [{"params": groups[""]}] + [
+            {"params": groups[k], "lr": lr} for k, lr in own_lr.items() if groups[k]
+        ]
 
     def on_epoch_end(self, epoch: int, valid_metrics: dict) -> dict[str, float]:
-        """Branch weights (mean over this epoch's training batches) and borrowing gates."""
-        logs = self.gate_logs()
-        if self._alpha_batches:
-            mean = self._alpha_sum / self._alpha_batches
-            logs["alpha_shared"], logs["alpha_private"] = float(mean[0]), float(mean[1])
-        self._alpha_sum, self._alpha_batches = torch.zeros(2), 0
+        """Branch weights, borrowing gates and TSF gate: means over this epoch's training batches
+        ({} when no training batch ran since the last call)."""
+        logs = {k: v / self._log_batches for k, v in self._log_sums.items()} if self._log_batches else {}
+        self._log_sums, self._log_batches = {}, 0
         return logs
-
-    def gate_logs(self) -> dict[str, float]:
-        beta = self.agpr.beta() if self.agpr is not None else None
-        if beta is None:
-            return {}
-        beta = beta.detach()
-        return {f"beta_{m}": float(beta[i]) for i, m in enumerate(MODALITIES)}
 
     # -- forward
 
@@ -449,7 +462,8 @@ class DBR(nn.Module):
             if cfg.leak_weight > 0:
                 leak = sum(orthogonality_loss(h_p[:, i], h_s[:, i]) for i in range(len(MODALITIES)))
                 losses["leak"] = cfg.leak_weight * leak
-            logs.update(self.gate_logs())
+            if beta is not None:
+                logs.update({f"beta_{m}": float(beta[:, i].detach().mean()) for i, m in enumerate(MODALITIES)})
         else:
             h_p = torch.stack([p[m] for m in MODALITIES], dim=1)
 
@@ -460,9 +474,10 @@ class DBR(nn.Module):
                 losses["balance"] = cfg.balance_weight * balance_kl(alpha)
             mean_alpha = alpha.detach().mean(dim=0).cpu()
             logs["alpha_shared"], logs["alpha_private"] = float(mean_alpha[0]), float(mean_alpha[1])
-            if self.training:
-                self._alpha_sum = self._alpha_sum + mean_alpha
-                self._alpha_batches += 1
         else:
             fused = torch.cat([h_s.mean(dim=1), h_p.mean(dim=1)], dim=-1)
+        if self.training:
+            for key, value in logs.items():
+                self._log_sums[key] = self._log_sums.get(key, 0.0) + value
+            self._log_batches += 1
         return task_output(self.head(fused), batch, self.info, extra_losses=losses, logs=logs)
