@@ -590,7 +590,8 @@ class MMCL(nn.Module):
                 "word-aligned data (or model.length_rule=resample)"
             )
         lengths = torch.stack([mk.sum(dim=1) for mk in masks], dim=1)  # [B, 3]
-        target = lengths.amax(dim=1).clamp_max(self.common_length)  # [B]
+        # >= 1 step: a sample whose three modalities are all removed reads one zero frame
+        target = lengths.amax(dim=1).clamp(1, self.common_length)  # [B]
         steps = int(target.max())
         x = torch.stack(
             [resample(p, lengths[:, m], target, steps) for m, p in enumerate(projected)], dim=1
