@@ -226,11 +226,43 @@ def test_training_end_to_end_on_synthetic(tmp_path):
     assert "tiny random BERT" in record["personality_encoder"]
 
 
-@pytest.mark.parametrize("name", ["synthetic.yaml", "mosi-poria.yaml"])
+SHIPPED = sorted(p.name for p in (ROOT / "configs" / "psa_mf").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_configs_build(name):
     cfg = build_config(load_yaml(ROOT / "configs" / "psa_mf" / name))
     assert cfg.model_name == "psa_mf"
-    assert (ROOT / "configs" / "psa_mf" / name).read_text().startswith("# msakit train --config")
+    assert (ROOT / "configs" / "psa_mf" / name).read_text().startswith(f"# msakit train --config configs/psa_mf/{name}")
+
+
+def test_the_config_list_holds_mosi_and_mosei():
+    assert {"synthetic.yaml", "mosi-poria.yaml", "mosei-mmsa.yaml"} <= set(SHIPPED)
+
+
+def test_mosei_config_has_the_papers_learning_rates_and_runs_on_an_mmsa_pickle(tmp_path):
+    """Paper, MOSEI: text encoder lr 1e-5, the rest 1e-4; the MMSA pickle's raw_text feeds the text encoder."""
+    from msakit.cli import main
+    from msakit.data.mmsa import split_to_mmsa, write_mmsa
+
+    path = ROOT / "configs" / "psa_mf" / "mosei-mmsa.yaml"
+    cfg = build_config(load_yaml(path))
+    assert cfg.data.name == "mmsa" and cfg.model.text_lr == pytest.approx(1e-5)
+    assert cfg.train.lr == pytest.approx(1e-4)
+    data = make_data("regression")
+    for arrays in data.splits.values():
+        arrays.texts = [f"{WORDS[i % len(WORDS)]} sample {i}" for i in range(len(arrays))]
+    pickle = write_mmsa(tmp_path / "unaligned_50.pkl",
+                        {split: split_to_mmsa(arrays) for split, arrays in data.splits.items()})
+    out = tmp_path / "run"
+    code = main(["train", "--config", str(path), "--data-path", str(pickle), "--epochs", "1", "--seeds", "1",
+                 "--out", str(out), "--quiet", "--set", "model.text_encoder=tiny",
+                 "model.personality_encoder=tiny", "model.serial_dim=16"])
+    assert code == 0
+    saved = json.loads((out / "results.json").read_text())["config"]
+    assert saved["model"]["text_lr"] == pytest.approx(1e-5) and saved["train"]["lr"] == pytest.approx(1e-4)
+    record = json.loads((out / "seed_1" / "log.jsonl").read_text().splitlines()[0])
+    assert {"train_task", "train_ccl", "train_ps", "train_clm"} <= set(record)
 
 
 # ----------------------------------------------------------------------------- text encoder

@@ -46,7 +46,8 @@ Training (`training_step`, DDPG across consecutive mini-batches, as train.py):
     transition (s_k, a_k, r_k, s_{k+1}), which goes into a replay buffer of 1000 transitions
     (the oldest half dropped when full). When the buffer holds more than a batch, a batch is
     sampled: critic loss 13 * L1(Q(s, a), r + 0.5 Q'(s', pi'(s'))) ("critic" optimiser), actor
-    loss -13 * mean Q(s, pi(s)) (actor optimiser), then soft target updates with tau 0.01.
+    loss -13 * mean Q(s, pi(s)) (actor optimiser), then soft target updates with tau 0.01. In
+    each step this DDPG update comes BEFORE the task step (the release: after; see below).
     Three Adam optimisers (lr = train.lr; the configs set the release's 3e-4).
     Evaluation: the state is the ungated specific features.
 
@@ -85,6 +86,12 @@ Deviations and choices of ours:
     - target networks are independently initialised (as the release, which builds fresh
       networks rather than copies) and only their parameters are soft-updated; the target
       actor is the policy alone (the only part pi'(s') uses).
+    - order of the updates within a step [ours]: the DDPG update (critic, then actor, then the
+      soft target updates) runs BEFORE this batch's task step, and this batch's action is taken
+      by the policy after that update; the release runs the task step first and the DDPG update
+      after it (its action comes from the policy before the update). The transitions, targets
+      and losses are the same; what differs is which policy weights act on the batch and
+      whether the task step's Adam move of the actor comes before or after the actor's RL move.
     - `zero_grad(set_to_none=True)`: the release's torch 1.8 zeroed gradients, so its actor
       optimiser also moved the predictor with stale Adam momentum during the actor update.
     - forward() in training mode (not used by `training_step`) returns single-batch versions of

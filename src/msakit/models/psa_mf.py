@@ -46,6 +46,10 @@ Deviations and our choices:
   Which one a run used is logged when the model is built and written into every epoch's log
   line (`personality_encoder`). It is kept out of the module tree: frozen, never in the optimiser
   nor in checkpoints (the config's source rebuilds it), and its outputs are cached per text.
+- [ours] The last (multimodal) text layer, which runs on [text tokens; v_tok; a_tok], starts
+  from the text encoder's pretrained weights of its last layer (it is that layer, run on the
+  extended sequence); the release builds this layer separately and initialises it randomly.
+  With "tiny" every layer is random anyway.
 - [ours] P (Linear Dp->Dt) is always applied to pe (also when Dp == Dt), so the personality
   term in the tokens is learnt; the spec requires it only when sizes differ.
 - [ours] The release's second, unused BERT is not built; the release's per-layer loop computes
