@@ -120,7 +120,7 @@ def test_refuses_other_globals(raw):
 def test_codecs_encode_only_latin1():
     ok = b"c_codecs\nencode\n(V\xe9\nVlatin1\ntR."
     assert loads_pickle(ok) == b"\xe9"
-    with pytest.raises(DataError, match="not a readable pickle"):
+    with pytest.raises(DataError, match="rot.pkl: _codecs.encode with codec 'rot13' is not allowed"):
         loads_pickle(b"c_codecs\nencode\n(Vabc\nVrot13\ntR.", "rot.pkl")
 
 
@@ -153,3 +153,159 @@ def test_numpy1_module_names_accepted():
     loaded = loads_pickle(old, "numpy1.pkl")
     np.testing.assert_array_equal(loaded["a"], array)
     assert loaded["s"] == 2.5
+
+
+# ----------------------------------------------------------------------------- hostile files
+
+_reconstruct = np.ndarray.__reduce__(np.zeros(1))[0]
+
+
+class Reduce:
+    """Pickles as `func(*args)` (then BUILD with `state` when given): hand-made hostile files."""
+
+    def __init__(self, func, args, state=None):
+        self.func, self.args, self.state = func, args, state
+
+    def __reduce__(self):
+        return (self.func, self.args) if self.state is None else (self.func, self.args, self.state)
+
+
+def _oneline(err) -> str:
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("hostile.pkl: ")
+    return message
+
+
+def test_build_on_a_numpy_global_is_refused():
+    """A BUILD applied to an allowed numpy callable used to set its attributes (`__defaults__`);
+    BUILD is allowed only on an array / dtype the file is rebuilding."""
+    before = (_reconstruct.__doc__, np.dtype.__doc__)
+    raw = b"cnumpy._core.multiarray\n_reconstruct\n(N}V__defaults__\n(I9\ntstb."
+    with pytest.raises(DataError) as err:
+        loads_pickle(raw, "hostile.pkl")
+    assert "refused to apply a state (BUILD)" in _oneline(err)
+    raw = b"cnumpy\ndtype\n(N}V__doc__\nVpwned\nstb."
+    with pytest.raises(DataError, match=r"refused to apply a state \(BUILD\)"):
+        loads_pickle(raw, "hostile.pkl")
+    assert (_reconstruct.__doc__, np.dtype.__doc__) == before
+
+
+def test_second_build_on_an_array_is_refused():
+    array = Reduce(_reconstruct, (np.ndarray, (0,), b"b"), (1, (2,), np.dtype("f4"), False, b"\0" * 8))
+    raw = pickle.dumps(array, protocol=2)
+    assert loads_pickle(raw).shape == (2,)
+    # the same array built twice (memo GET then another BUILD)
+    raw2 = raw[:-1] + b"(N}V_x\nI1\nstb."
+    with pytest.raises(DataError, match="BUILD"):
+        loads_pickle(raw2, "hostile.pkl")
+
+
+def test_structured_dtype_with_object_fields_is_refused():
+    """Overlapping object and integer fields made numpy read raw bytes as object pointers (a
+    segfault). The file must not get that far, whichever way it spells the dtype."""
+    overlapping = Reduce(
+        np.dtype, ("V8", False, True),
+        (3, "|", None, ("a", "b"), {"a": (np.dtype("O"), 0), "b": (np.dtype("i8"), 0)}, 8, 1, 0),
+    )
+    array = Reduce(_reconstruct, (np.ndarray, (0,), b"b"), (1, (1,), overlapping, False, b"\x41" * 8))
+    with pytest.raises(DataError) as err:
+        loads_pickle(pickle.dumps(array, protocol=2), "hostile.pkl")
+    assert "object fields" in _oneline(err)
+    # object fields spelled in the dtype string, or a flags word claiming objects
+    with pytest.raises(DataError, match="object fields"):
+        loads_pickle(pickle.dumps(Reduce(np.dtype, ("O,i8", False, True)), protocol=2), "hostile.pkl")
+    claims = Reduce(np.dtype, ("V8", False, True),
+                    (3, "|", None, ("b",), {"b": (np.dtype("i8"), 0)}, 8, 1, 1))
+    with pytest.raises(DataError, match="object fields"):
+        loads_pickle(pickle.dumps(claims, protocol=2), "hostile.pkl")
+
+
+def test_object_array_must_hold_as_many_elements_as_its_shape():
+    """numpy segfaults on an object array whose list is shorter than its shape."""
+    short = Reduce(_reconstruct, (np.ndarray, (0,), b"b"), (1, (10,), np.dtype("O"), False, [1, 2]))
+    with pytest.raises(DataError) as err:
+        loads_pickle(pickle.dumps(short, protocol=2), "hostile.pkl")
+    assert "must hold a list of 10" in _oneline(err)
+    ids = loads_pickle(pickle.dumps(np.array(["a", "b"], dtype=object), protocol=4))
+    assert ids.tolist() == ["a", "b"]
+
+
+def test_zero_stride_view_is_refused():
+    """numpy.ndarray called directly builds a 10^9-element view of 8 bytes (strides 0)."""
+    view = Reduce(np.ndarray, ((10**9,), np.dtype("f8"), b"\0" * 8, 0, (0,)))
+    with pytest.raises(DataError) as err:
+        loads_pickle(pickle.dumps(view, protocol=2), "hostile.pkl")
+    assert "refused to call numpy.ndarray" in _oneline(err)
+
+
+def test_tiny_file_declaring_gigabytes_is_refused():
+    big = Reduce(_reconstruct, (np.ndarray, (10**12,), b"b"))
+    raw = pickle.dumps(big, protocol=2)
+    with pytest.raises(DataError) as err:
+        loads_pickle(raw, "hostile.pkl")
+    assert "beyond this file's memory budget" in _oneline(err)
+    with pytest.raises(DataError, match="bytearray of a int is not allowed"):
+        loads_pickle(pickle.dumps(Reduce(bytearray, (10**12,)), protocol=2), "hostile.pkl")
+    # a length field asking for a terabyte: refused before any allocation
+    with pytest.raises(DataError, match="truncated"):
+        loads_pickle(b"\x80\x04\x8e" + (2**40).to_bytes(8, "little") + b"abc", "hostile.pkl")
+
+
+def test_nested_shared_lists_are_refused_by_their_expanded_size():
+    """A 10 KB file of lists shared by reference expands to 10^9 floats when a reader converts
+    it to an array; the expanded size counts each reference."""
+    inner = [0.5] * 1000
+    middle = [inner] * 1000
+    raw = pickle.dumps({"train": {"text": [middle] * 1000}}, protocol=4)
+    assert len(raw) < 20_000
+    with pytest.raises(DataError) as err:
+        loads_pickle(raw, "hostile.pkl")
+    assert "expand to more than 256.0 MiB" in _oneline(err)
+    # an explicit limit applies the same rule to smaller structures
+    assert loads_pickle(pickle.dumps([inner] * 10), "ok.pkl", max_bytes=10**6)
+    with pytest.raises(DataError, match="expand to more than"):
+        loads_pickle(pickle.dumps([inner] * 1000), "hostile.pkl", max_bytes=10**6)
+
+
+def test_deep_nesting_and_cycles_are_one_line_errors():
+    n = 30_000  # far beyond Python's recursion limit
+    deep = b"\x80\x02}X\x05\x00\x00\x00train" + b"(" * n + b"N" + b"l" * n + b"s."
+    with pytest.raises(DataError) as err:
+        loads_pickle(deep, "hostile.pkl")
+    assert "nested deeper than 100 levels" in _oneline(err)
+    key = b"\x80\x02}" + b"(" * n + b"N" + b"t" * n + b"K\x01s."  # a tuple key n deep
+    with pytest.raises(DataError, match="nested deeper"):
+        loads_pickle(key, "hostile.pkl")
+    cycle: list = []
+    cycle.append(cycle)
+    with pytest.raises(DataError, match="reference cycle"):
+        loads_pickle(pickle.dumps({"train": cycle}), "hostile.pkl")
+
+
+@pytest.mark.parametrize("failure", [MemoryError, RecursionError])
+def test_memory_and_recursion_failures_are_one_line(monkeypatch, failure):
+    from msakit.data import safe_pickle
+
+    def fail(self):
+        raise failure()
+
+    monkeypatch.setattr(safe_pickle._RestrictedUnpickler, "load", fail)
+    with pytest.raises(DataError) as err:
+        loads_pickle(pickle.dumps([1]), "hostile.pkl")
+    assert "not a readable pickle (" in _oneline(err)
+
+
+@pytest.mark.parametrize("protocol", [4, 5])
+def test_large_arrays_load_without_a_second_copy(protocol):
+    """Array payloads of >= 1 MiB become writeable views of the bytes read from the file
+    (no bytes object copied into the array), also when the same array is referenced twice."""
+    array = np.arange(2**19, dtype=np.float32).reshape(512, 1024)  # 2 MiB
+    loaded = loads_pickle(pickle.dumps({"a": array, "b": array, "f": array.T}, protocol=protocol))
+    np.testing.assert_array_equal(loaded["a"], array)
+    np.testing.assert_array_equal(loaded["f"], array.T)
+    assert loaded["a"] is loaded["b"]
+    owner = loaded["a"]
+    while isinstance(owner, np.ndarray):
+        owner = owner.base
+    owner = owner.obj if isinstance(owner, memoryview) else owner
+    assert loaded["a"].flags.writeable and isinstance(owner, bytearray)
