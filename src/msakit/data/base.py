@@ -128,6 +128,8 @@ class MultimodalData:
     splits: dict[str, SplitArrays]
     source: str = ""  # file or folder it came from, for messages and results
     notes: list[str] = field(default_factory=list)
+    validated: bool = False
+    """Set by `validate`, which then returns at once (loaders validate, and so does load_dataset)."""
 
 
 def sanitize_features(array: np.ndarray, where: str) -> np.ndarray:
@@ -142,6 +144,8 @@ def sanitize_features(array: np.ndarray, where: str) -> np.ndarray:
 
 def validate(data: MultimodalData) -> MultimodalData:
     """Check shapes, lengths and labels of every split; raise DataError naming what is wrong."""
+    if data.validated:
+        return data
     info = data.info
     src = data.source or info.name
     for split in SPLITS:
@@ -179,6 +183,7 @@ def validate(data: MultimodalData) -> MultimodalData:
             if labels.min() < 0 or labels.max() >= top:
                 raise DataError(f"{where} must be class indices in [0, {top})")
     data.info = dataclasses.replace(info, train_size=len(data.splits["train"]))
+    data.validated = True
     return data
 
 

