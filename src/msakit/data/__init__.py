@@ -43,7 +43,8 @@ def list_datasets() -> dict[str, str]:
 def load_dataset(cfg: DataConfig) -> MultimodalData:
     if cfg.name not in _LOADERS:
         raise DataError(f"unknown dataset {cfg.name!r}; known: {', '.join(sorted(_LOADERS))}")
-    return validate(_LOADERS[cfg.name](cfg))
+    data = _LOADERS[cfg.name](cfg)
+    return data if data.validated else validate(data)
 
 
 from msakit.data import mintrec, mmsa, mosi_poria, mult, synthetic  # noqa: E402, F401  (registration)

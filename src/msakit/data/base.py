@@ -129,7 +129,7 @@ class MultimodalData:
     source: str = ""  # file or folder it came from, for messages and results
     notes: list[str] = field(default_factory=list)
     validated: bool = False
-    """Set by `validate`, which then returns at once (loaders validate, and so does load_dataset)."""
+    """Set by `validate`; `load_dataset` does not validate again what its loader validated."""
 
 
 def sanitize_features(array: np.ndarray, where: str) -> np.ndarray:
@@ -144,8 +144,6 @@ def sanitize_features(array: np.ndarray, where: str) -> np.ndarray:
 
 def validate(data: MultimodalData) -> MultimodalData:
     """Check shapes, lengths and labels of every split; raise DataError naming what is wrong."""
-    if data.validated:
-        return data
     info = data.info
     src = data.source or info.name
     for split in SPLITS:

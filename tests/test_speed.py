@@ -1,0 +1,70 @@
+"""The speed changes keep the numbers: attention equals its plain formula, the wide dropout has
+dropout's distribution, data are validated once, AdamW is the fused kernel where it exists."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from msakit.modules.attention import MaskedMultiheadAttention
+from msakit.modules.dropout import WideDropout
+
+
+def _reference_attention(module, query, key_value, key_mask, dropout=lambda w: w):
+    """The plain formula: masked softmax weights (all-padding rows weigh 0), then out_proj."""
+    q, k, v = (module._heads(p(x)) for p, x in
+               ((module.q_proj, query), (module.k_proj, key_value), (module.v_proj, key_value)))
+    scores = q @ k.transpose(-2, -1) / math.sqrt(module.head_dim)
+    visible = key_mask[:, None, None, :]
+    weights = torch.softmax(scores.masked_fill(~visible, -1e30), dim=-1) * visible
+    context = (dropout(weights) @ v).transpose(1, 2).reshape(query.shape[0], query.shape[1], -1)
+    return module.out_proj(context)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_attention_matches_the_plain_formula_with_padding_and_empty_rows(training):
+    torch.manual_seed(0)
+    module = MaskedMultiheadAttention(16, 4, dropout=0.3).train(training)
+    query, key_value = torch.randn(3, 5, 16), torch.randn(3, 7, 16)
+    key_mask = torch.tensor([[1] * 7, [1, 1, 1, 0, 0, 0, 0], [0] * 7]).bool()  # last: no keys
+    torch.manual_seed(1)
+    ours = module(query, key_value, key_value, key_mask)
+    torch.manual_seed(1)
+    reference = _reference_attention(module, query, key_value, key_mask,
+                                     module.dropout if training else (lambda w: w))
+    assert torch.allclose(ours, reference, atol=1e-5)
+    assert torch.isfinite(ours).all()
+
+
+def test_wide_dropout_keeps_one_minus_p_scaled_and_is_identity_in_eval():
+    torch.manual_seed(0)
+    layer = WideDropout(0.3)
+    x = torch.ones(200, 1000)
+    y = layer(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.7) < 0.01
+    assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / 0.7))
+    assert torch.equal(layer.eval()(x), x)
+
+
+def test_dataset_is_validated_once(monkeypatch):
+    from msakit.config import build_config
+    from msakit.data import base, load_dataset
+
+    calls = []
+    original = base.sanitize_features
+    monkeypatch.setattr(base, "sanitize_features", lambda a, w: calls.append(w) or original(a, w))
+    cfg = build_config({"data": {"name": "synthetic"}}, ["data.synthetic.train_size=40",
+                                                          "data.synthetic.valid_size=20",
+                                                          "data.synthetic.test_size=20"])
+    load_dataset(cfg.data)
+    assert len(calls) == 9  # 3 splits x 3 modalities, once each
+
+
+def test_adamw_uses_the_fused_kernel_on_cpu():
+    from msakit.train.loop import adamw
+
+    optimizer = adamw([torch.nn.Parameter(torch.zeros(3))], lr=1e-3)
+    assert optimizer.defaults["fused"] is True
