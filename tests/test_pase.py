@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -20,6 +21,7 @@ from msakit.models.pase import PaSE, PaSEConfig
 from msakit.modules.shapley import shapley_values, subset_masks
 from msakit.registry import create_model
 from msakit.train.experiment import run_experiment
+from msakit.train.loop import build_optimizer, default_training_step
 
 torch.set_num_threads(1)
 
@@ -194,8 +196,8 @@ def gradients(model: PaSE, batch: Batch) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def test_sgm_scales_only_each_modalitys_own_gradients():
-    model, data = build("regression", dropout=0.0)
+def test_gradient_mode_scales_only_each_modalitys_own_gradients():
+    model, data = build("regression", dropout=0.0, sgm_scale="gradient")
     model.train()
     batch = batches(data, 15)[0]
     model(batch)  # initialise the banks (so the next two passes see the same state)
@@ -223,7 +225,7 @@ def test_sgm_scales_only_each_modalitys_own_gradients():
 
 @pytest.mark.parametrize("changes", [dict(), dict(use_sgm=False)])
 def test_no_modulation_in_phase_one_or_without_sgm(changes):
-    model, data = build("regression", dropout=0.0, **changes)
+    model, data = build("regression", dropout=0.0, sgm_scale="gradient", **changes)
     model.train()
     batch = batches(data, 15)[0]
     model(batch)
@@ -235,6 +237,7 @@ def test_no_modulation_in_phase_one_or_without_sgm(changes):
     for name, p in model.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(p.grad, plain[name])
+    assert model.update_scales() == {}
 
 
 @pytest.mark.parametrize("samples", [0, 4])
@@ -371,3 +374,94 @@ def test_analyze_command_end_to_end(tmp_path, capsys):
     assert result["utility"] == "corr" and not result["batched_subsets"]
     assert main(["analyze", "--checkpoint", str(tmp_path / "lf" / "seed_1" / "best.pt"),
                  "--metric", "nope"]) == 2
+
+
+# ----------------------------------------------------------------------------- no label leak, SGM on updates
+
+
+@pytest.mark.parametrize("task", ["regression", "classification"])
+def test_training_prediction_does_not_depend_on_the_labels(task):
+    """Finding 1 of issue 10: in training mode (dropout off) a sample's prediction must not move
+    when only its label changes (the gate once read the true class's prototype)."""
+    model, data = build(task, dropout=0.0)
+    model.train()
+    for batch in batches(data, 16):  # every class's prototype is initialised: the gate is live
+        model(batch)
+    assert bool(model.prototype_ready.sum() >= 2)
+    batch = batches(data, 16)[0]
+    other = (-batch.labels if task == "regression" else (batch.labels + 1) % 3)
+    predictions = []
+    for labels in (batch.labels, other):
+        twin = copy.deepcopy(model)  # each pass starts from the same banks
+        predictions.append(twin(dataclasses.replace(batch, labels=labels)).prediction)
+    assert not torch.equal(batch.labels, other)
+    torch.testing.assert_close(predictions[0], predictions[1], rtol=0, atol=0)
+
+
+def sgm_run(model: PaSE, optimizer, loader_batches, train_cfg, steps: int) -> list[float]:
+    """`steps` real training steps (the loop's own step); text's own update norm per step."""
+    text = model.own_parameters()["text"]
+    norms = []
+    for i in range(steps):
+        before = [p.detach().clone() for p in text]
+        default_training_step(model, loader_batches[i % len(loader_batches)], {"main": optimizer},
+                              train_cfg, (1, i + 1))
+        norms.append(float(torch.sqrt(sum((p.detach() - b).pow(2).sum() for p, b in zip(text, before, strict=True)))))
+    return norms
+
+
+def test_sgm_damps_the_update_by_phi_for_hundreds_of_adamw_steps():
+    """Finding 2 of issue 10: with phi_text = 0.4 after a phase 1 under AdamW (the loop's optimiser
+    and step), text's parameter update stays at 0.4 (+-10%) of the unmodulated run's on the same
+    batches in every 100-step window of 300 steps (sgm_scale="update"); the release's gradient
+    scaling fades as Adam's second moment adapts. lr 1e-4 keeps the twins' paths close."""
+    cfg = build_config({"model": {"name": "pase"}}, ["train.lr=0.0001"])
+    model, data = build("regression", dropout=0.0, use_pcl=False, use_cal=False, use_prototype_gate=False)
+    loader_batches = batches(data, 16)
+    optimizer = build_optimizer(model, cfg)
+    sgm_run(model, optimizer, loader_batches, cfg.train, 40)  # phase 1: Adam's moments fill up
+    model.phase.fill_(2)
+    runs = {}
+    for name, use_sgm, scale in (("off", False, "update"), ("update", True, "update"),
+                                 ("gradient", True, "gradient")):
+        twin = copy.deepcopy(model)
+        twin_optimizer = build_optimizer(twin, cfg)
+        twin_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))  # load shares tensors
+        twin.cfg = dataclasses.replace(twin.cfg, use_sgm=use_sgm, sgm_scale=scale)
+        twin.phi.copy_(torch.tensor([0.4, 1.0, 1.0]))
+        runs[name] = np.array(sgm_run(twin, twin_optimizer, loader_batches, cfg.train, 300))
+    ratio = {name: [runs[name][w:w + 100].sum() / runs["off"][w:w + 100].sum() for w in (0, 100, 200)]
+             for name in ("update", "gradient")}
+    assert all(0.36 <= r <= 0.44 for r in ratio["update"]), ratio
+    assert ratio["gradient"][-1] > 0.5, ratio  # the release's rule: Adam normalises the damping away
+
+
+def test_update_scales_damp_exactly_the_own_groups_for_one_step():
+    cfg = build_config({"model": {"name": "pase"}}, ["train.lr=0.01"])
+    model, data = build("regression", dropout=0.0)
+    batch = batches(data, 16)[0]
+    model.train()
+    model(batch)  # banks initialised: both twins then see the same state
+    groups = model.parameter_groups(cfg.train)
+    assert [g["name"] for g in groups] == [*MODALITIES, "shared"]
+    grouped = [id(p) for g in groups for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in model.parameters())  # each exactly once
+    model.phase.fill_(2)
+    model.phi.copy_(torch.tensor([0.5, 1.0, 0.25]))
+    assert model.update_scales() == {"text": 0.5, "audio": 1.0, "vision": 0.25}
+    deltas = {}
+    for use_sgm in (True, False):
+        twin = copy.deepcopy(model)
+        twin.cfg = dataclasses.replace(twin.cfg, use_sgm=use_sgm)
+        start = {n: p.detach().clone() for n, p in twin.named_parameters()}
+        optimizer = build_optimizer(twin, cfg)
+        default_training_step(twin, batch, {"main": optimizer}, cfg.train, (1, 1))
+        assert [g["lr"] for g in optimizer.param_groups] == [0.01] * 4  # restored after the step
+        deltas[use_sgm] = {n: p.detach() - start[n] for n, p in twin.named_parameters()}
+    own = {id(p): m for m, ps in model.own_parameters().items() for p in ps}
+    factors = {"text": 0.5, "audio": 1.0, "vision": 0.25}
+    for name, p in model.named_parameters():
+        factor = factors.get(own.get(id(p)), 1.0)
+        torch.testing.assert_close(deltas[True][name], factor * deltas[False][name],
+                                   rtol=1e-4, atol=1e-7, msg=name)  # float rounding of p + delta
+    assert "projections.text.weight" in deltas[True] and "experts.0.vision.mlp.0.weight" in deltas[True]

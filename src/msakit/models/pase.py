@@ -4,20 +4,22 @@ Idea: modalities compete, and a dominant one (text) starves the others. PaSE (a)
 modality's representation around class prototypes (PCL) and aligns the prototype sets of
 different modalities with entropic optimal transport (CAL), and (b) trains in two phases: a
 prototype-gated mixture-of-experts fusion with unimodal heads first, then Shapley-based gradient
-modulation (SGM), which damps the gradients of the modalities that contribute most.
+modulation (SGM), which damps the updates of the modalities that contribute most.
 
 Architecture (official code, built on MoMKE), M = 3 modalities, D = `hidden`:
     projection_m: Linear(D_m -> D) + dropout                      x_m [B, L_m, D]
     layer l = 1..depth holds one expert per modality, E^l_j(z) = h + MLP(LN(h)),
-        h = masked MHA(LN(z)) (2 heads), MLP = Linear-GELU-Linear (hidden D)   [B, L, D]
+        h = masked MHA(LN(z)) (2 heads, with an output projection Linear(D -> D)),
+        MLP = Linear-GELU-Linear (hidden D)                                  [B, L, D]
     unimodal path: u_m <- u_m + E^l_m(u_m) (own experts only); h^m = masked mean [B, D];
         unimodal head Linear(D -> out) per modality (phase 1 loss); h^m feeds PCL and CAL.
     fusion path: every stream z_m runs through all three experts of the layer
         -> [B, L_m, 3, D]; mixing weights w = softmax(router(z_m)) [B, L_m, 3] (router
         MLP D->D->3 per layer) times the prototype gate g_j = sigmoid(MLP 1->16->1 of
         cos(E^l_j(z_m)_t, c^j)) [B, L_m, 3], renormalised over experts; z_m <- z_m + sum_j w_j E^l_j.
-        c^j is modality j's prototype of the TRUE class when training, the most similar
-        prototype (highest cosine) at evaluation.
+        c^j is modality j's most similar initialised prototype (highest cosine), in training
+        AND evaluation, read from the banks before this batch updates them: the prediction
+        never depends on the batch's labels (see the deviations).
     head: f = [pool(z_t); pool(z_a); pool(z_v)] [B, 3D]; f <- f + dropout(ReLU(Linear(f)));
         Linear(3D -> out). Pooling is a length-masked mean, so padding never changes a prediction.
 
@@ -25,7 +27,8 @@ Losses (names as in ModelOutput.losses; each already weighted):
     task        L1 (regression) / cross-entropy, as every msakit model
     pcl         lambda * sum_m InfoNCE(h^m, prototypes c~^m), tau = 0.1             (use_pcl)
     cal         mu * sum_pairs (L_match + alpha L_reg + beta Omega), log-domain OT    (use_cal)
-    unimodal    sum_m task loss of the unimodal head m, phase 1 only          (use_unimodal_heads)
+    unimodal    unimodal_weight * SUM over m of the task loss of unimodal head m, phase 1 only
+                (use_unimodal_heads; the release averages the three)
 
 Prototypes: banks C^m [K, D] are BUFFERS (prototypes [M, K, D], prototype_ready [K]):
 initialised from the first training batch that contains the class, then EMA
@@ -43,11 +46,20 @@ shapley, phi; they survive checkpoint/resume):
     switch in `on_epoch_end`: epoch >= min_phase1_epochs and the validation metric (MAE for
         regression, else the family's default, msakit.metrics.SELECTION_DEFAULTS) has not
         improved by more than switch_delta = 1e-3 for switch_patience = 5 epochs [ours].
-    phase 2: task + pcl + cal; SGM: the gradients of each modality's own parameters (its
-        projection, its expert in every layer, its unimodal head) are multiplied by phi_m in
-        `on_after_backward` (before clipping and the optimiser step). psi is recomputed at every
-        epoch end on a held training batch (the last full-size batch of the epoch), or every step
-        on the current batch with sgm_update="step" (optionally on its first `shapley_samples`).
+    phase 2: task + pcl + cal; SGM damps each modality's own parameters (its projection, its
+        expert in every layer, its unimodal head; `own_parameters`) by phi_m at EVERY step:
+        sgm_scale="update" (default) [ours]: each modality's parameters form their own optimiser
+            group (`parameter_groups`), and `update_scales` tells the training loop to multiply
+            that group's lr by phi_m for the step, so the parameter UPDATE is phi_m times the
+            unmodulated one for the whole of phase 2, whatever the optimiser (its update is
+            proportional to lr: Adam, AdamW, SGD; decoupled weight decay is damped too);
+        sgm_scale="gradient" (the release's rule): the gradients are multiplied by phi_m in
+            `on_after_backward` (before clipping and the step). Under Adam(W) the second-moment
+            normalisation undoes a constant factor: measured on a toy problem, phi = 0.4 gave an
+            update ratio of 0.51 over steps 100-200, 0.86 by ~1000 and 0.99 by 4000.
+        psi is recomputed at every epoch end on a held training batch (the last full-size batch of
+        the epoch), or every step on the current batch with sgm_update="step" (optionally on its
+        first `shapley_samples`).
     Shapley values are exact over the 2^3 = 8 subsets [ours; the release samples 200
     permutations]. The projections are computed once; the 8 masked variants (an absent
     modality's input features are zeros, its mask unchanged) are stacked along the batch
@@ -70,6 +82,20 @@ Deviations from the release and choices of ours:
     - the prototype gate is PER EXPERT [ours]: g_j compares expert j's output with modality j's
       prototype. The release repeats one gate over the three experts, which the renormalisation
       over experts cancels exactly (its gate has no effect).
+    - the gate's prototype [ours]: the release reads the TRUE class's prototype in training (and
+      the most similar one at evaluation); harmless there since its gate is a no-op, but with a
+      real per-expert gate it conditions training predictions on the label (measured: phase 2
+      looked good in training and collapsed at evaluation). Here the gate uses the evaluation
+      rule (highest cosine) in both modes and the banks before this batch's EMA update, so a
+      label can never reach the fused prediction.
+    - SGM's parameter set and schedule: ours damps each modality's projection, its expert in every
+      layer and its unimodal head, at every phase-2 step (psi every epoch); the release scales only
+      the input projections' gradients, every 5th epoch. Ours damps the update, not the gradient
+      (sgm_scale; the release's rule stays available as sgm_scale="gradient").
+    - each expert's attention has an output projection Linear(D -> D) (standard MHA) that the
+      release's expert attention does not have.
+    - the unimodal losses are summed over the three heads (the release averages them; with
+      unimodal_weight 1/3 ours equals the release's).
     - phase 1 already runs the gated fusion (its head is trained with the task loss) next to the
       unimodal path; the release's first stage feeds the head with the unimodal streams only.
     - h^m (the representation PCL calibrates, CAL aligns and the banks hold) is the pooled output
@@ -153,6 +179,12 @@ class PaSEConfig:
     """Two phases (switch on validation plateau); false = one phase with everything on [ours]."""
     utility: str = "loss"
     """Shapley utility: "loss" (-task loss with modalities masked) or "prototype" (the release)."""
+    sgm_scale: str = "update"
+    """How SGM damps a modality: "update" multiplies the learning rate of its parameter group by
+    phi_m for each optimiser step, so its UPDATE is phi_m times what it would be under any
+    optimiser whose step is proportional to lr (Adam, AdamW, SGD) [ours]; "gradient" multiplies
+    its gradients by phi_m before clipping and the step (the release; Adam's normalisation largely
+    undoes a constant factor within ~1000 steps)."""
     sgm_update: str = "epoch"
     """Recompute the Shapley values at every epoch end ("epoch") or every training step ("step")."""
     shapley_samples: int = 0
@@ -171,6 +203,7 @@ class PaSEConfig:
 
     def __post_init__(self) -> None:
         check_choice("model.utility", self.utility, ("loss", "prototype"))
+        check_choice("model.sgm_scale", self.sgm_scale, ("update", "gradient"))
         check_choice("model.sgm_update", self.sgm_update, ("epoch", "step"))
         check_choice("model.switch_mode", self.switch_mode, ("", "min", "max"))
         if self.hidden < 1 or self.depth < 1 or self.heads < 1:
@@ -372,10 +405,10 @@ class PaSE(nn.Module):
             pooled[m] = masked_mean(u, masks[m])
         return pooled
 
-    def fuse(self, streams: dict[str, torch.Tensor], masks: dict[str, torch.Tensor],
-             classes: torch.Tensor | None) -> torch.Tensor:
+    def fuse(self, streams: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> torch.Tensor:
         """Prototype-gated expert fusion and the head: streams [B, L_m, D] -> raw [B, output_dim].
-        classes [B] (training: the true prototype class) or None (the most similar prototype)."""
+        The gate reads the banks as they are (call BEFORE this batch's prototype update), with the
+        same rule in training and evaluation: it never sees a label."""
         bank = self.prototypes.detach()  # [M, K, D]
         ready = self.prototype_ready
         for layer, router in zip(self.experts, self.routers, strict=True):
@@ -385,7 +418,7 @@ class PaSE(nn.Module):
                 outs = torch.stack([layer[j](z, masks[m]) for j in MODALITIES], dim=2)  # [B, L, 3, D]
                 weights = torch.softmax(router(z), dim=-1)  # [B, L, 3]
                 if self.gate is not None:
-                    cos = self.gate_similarity(outs, bank, ready, classes)  # [B, L, 3]
+                    cos = self.gate_similarity(outs, bank, ready)  # [B, L, 3]
                     gate = torch.sigmoid(self.gate(cos.unsqueeze(-1))).squeeze(-1)
                     weights = weights * gate
                     weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-8)
@@ -396,19 +429,14 @@ class PaSE(nn.Module):
         return self.head(fused)
 
     @staticmethod
-    def gate_similarity(outs: torch.Tensor, bank: torch.Tensor, ready: torch.Tensor,
-                        classes: torch.Tensor | None) -> torch.Tensor:
-        """cos(expert j's output, modality j's prototype) per token: outs [B, L, 3, D] -> [B, L, 3].
-        With classes: the prototype of that class; without: the highest cosine over the
-        initialised prototypes (0 while none is)."""
-        unit = F.normalize(outs, dim=-1)
-        protos = F.normalize(bank, dim=-1)  # [3, K, D]
-        if classes is not None:
-            chosen = protos[:, classes].transpose(0, 1)  # [B, 3, D]
-            return (unit * chosen.unsqueeze(1)).sum(-1)
+    def gate_similarity(outs: torch.Tensor, bank: torch.Tensor, ready: torch.Tensor) -> torch.Tensor:
+        """cos(expert j's output, modality j's most similar prototype) per token, the highest
+        cosine over the initialised prototypes (0 while none is): outs [B, L, 3, D] -> [B, L, 3]."""
         if not bool(ready.any()):
             return outs.new_zeros(outs.shape[:-1])
-        cos = torch.einsum("bljd,jkd->bljk", unit, protos[:, ready])  # [B, L, 3, K_ready]
+        unit = F.normalize(outs, dim=-1)
+        protos = F.normalize(bank[:, ready], dim=-1)  # [3, K_ready, D]
+        cos = torch.einsum("bljd,jkd->bljk", unit, protos)  # [B, L, 3, K_ready]
         return cos.amax(dim=-1)
 
     # ------------------------------------------------------------------ prototypes
@@ -482,6 +510,7 @@ class PaSE(nn.Module):
         training = self.training
         extra: dict[str, torch.Tensor] = {}
 
+        raw = self.fuse(streams, masks)  # before the banks move: the gate never sees this batch's labels
         if cfg.use_pcl or cfg.use_cal or cfg.use_prototype_gate or self.unimodal_active():
             pooled = self.unimodal(streams, masks)
             if cfg.use_pcl or cfg.use_cal or cfg.use_prototype_gate:
@@ -495,7 +524,6 @@ class PaSE(nn.Module):
                                  batch.labels, self.info) for m in MODALITIES]
                 extra["unimodal"] = cfg.unimodal_weight * torch.stack(uni).sum()
 
-        raw = self.fuse(streams, masks, classes if training else None)
         logs = {"phase": float(self.phase), **{f"phi_{m}": float(self.phi[i])
                                               for i, m in enumerate(MODALITIES)}}
         return task_output(raw, batch, self.info, extra_losses=extra, logs=logs)
@@ -517,10 +545,7 @@ class PaSE(nn.Module):
             keep = subsets[:, i].view(count, 1, 1, 1)
             streams[m] = torch.where(keep, present.unsqueeze(0), absent.unsqueeze(0)).flatten(0, 1)
             masks[m] = batch.mask(m).repeat(count, 1)  # [S*B, L]
-        classes = None
-        if self.training:
-            classes = self.prototype_classes(batch.labels).repeat(count)
-        raw = self.fuse(streams, masks, classes)  # [S*B, out]
+        raw = self.fuse(streams, masks)  # [S*B, out]
         prediction = shape_prediction(raw, self.info)
         return prediction.reshape(count, size, *prediction.shape[1:])
 
@@ -569,18 +594,37 @@ class PaSE(nn.Module):
     # ------------------------------------------------------------------ trainer hooks
 
     def on_after_backward(self, batch: Batch) -> None:
-        """Keep a held batch for psi; in SGM phases scale each modality's gradients by phi_m."""
+        """Keep a held batch for psi; in SGM phases with sgm_scale="gradient" (the release) scale
+        each modality's gradients by phi_m. (sgm_scale="update" acts in `update_scales`.)"""
         if self._held_batch is None or batch.size >= self._held_batch.size:
             self._held_batch = batch
         if not self.sgm_active():
             return
         if self.cfg.sgm_update == "step":
             self.update_shapley(batch)
+        if self.cfg.sgm_scale != "gradient":
+            return
         for i, params in enumerate(self.own_parameters().values()):
             factor = float(self.phi[i])
             for p in params:
                 if p.grad is not None:
                     p.grad.mul_(factor)
+
+    def parameter_groups(self, train_cfg) -> list[dict]:
+        """One optimiser group per modality's own parameters (named by the modality) and one for
+        the shared rest (router, gate, fusion head), all at train.lr."""
+        own = self.own_parameters()
+        owned = {id(p) for params in own.values() for p in params}
+        shared = [p for p in self.parameters() if id(p) not in owned]
+        return [*({"params": params, "name": m} for m, params in own.items()),
+                {"params": shared, "name": "shared"}]
+
+    def update_scales(self) -> dict[str, float]:
+        """Learning-rate multiplier per parameter-group name for the next optimiser step:
+        {modality: phi_m} while SGM is active with sgm_scale="update", else {}."""
+        if not self.sgm_active() or self.cfg.sgm_scale != "update":
+            return {}
+        return {m: float(self.phi[i]) for i, m in enumerate(MODALITIES)}
 
     def switch_rule(self) -> tuple[str, str]:
         metric, mode = SELECTION_DEFAULTS[self.info.metric_family]

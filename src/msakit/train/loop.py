@@ -6,6 +6,9 @@ checkpoint. Optional model hooks (all generic, none model-specific):
     model.parameter_groups(train_cfg) -> list of optimiser param-group dicts (own learning rates)
     model.on_epoch_end(epoch, valid_metrics) -> dict of scalars to log (phase switches, gates...)
     model.configure_optimizers(train_cfg) -> dict name -> optimiser (models with several)
+    model.update_scales() -> {param-group name: factor}: the lr of those groups is multiplied by
+                                     the factor for the next optimiser step only (the update is
+                                     damped; schedulers and checkpoints keep the unscaled lr)
     model.training_step(batch, optimizers, train_cfg) -> ModelOutput
                                      a model with its own update rule (e.g. actor-critic) does its
                                      own backward/steps here; losses come back detached for logging
@@ -191,10 +194,23 @@ def _check_finite(losses: dict[str, torch.Tensor], epoch: int, step: int) -> Non
         )
 
 
+def scaled_step(optimizer: torch.optim.Optimizer, scales: dict[str, float]) -> None:
+    """optimizer.step() with the lr of each param group whose "name" is in `scales` multiplied
+    by that factor for this step only."""
+    saved = [(group, group["lr"]) for group in optimizer.param_groups if group.get("name") in scales]
+    for group, lr in saved:
+        group["lr"] = lr * scales[group["name"]]
+    try:
+        optimizer.step()
+    finally:
+        for group, lr in saved:
+            group["lr"] = lr
+
+
 def default_training_step(
     model: nn.Module, batch: Batch, optimizers: dict[str, torch.optim.Optimizer], train_cfg, where
 ) -> ModelOutput:
-    """forward -> check the summed loss is finite -> backward -> hook -> clip -> step."""
+    """forward -> check the summed loss is finite -> backward -> hook -> clip -> (scaled) step."""
     out = model(batch)
     if not out.losses:
         raise TrainingError("the model returned no loss terms")
@@ -206,8 +222,9 @@ def default_training_step(
         model.on_after_backward(batch)
     if train_cfg.grad_clip > 0:
         nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
+    scales = model.update_scales() if hasattr(model, "update_scales") else {}
     for optimizer in optimizers.values():
-        optimizer.step()
+        scaled_step(optimizer, scales)
     return out
 
 
