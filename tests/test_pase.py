@@ -465,3 +465,13 @@ def test_update_scales_damp_exactly_the_own_groups_for_one_step():
         torch.testing.assert_close(deltas[True][name], factor * deltas[False][name],
                                    rtol=1e-4, atol=1e-7, msg=name)  # float rounding of p + delta
     assert "projections.text.weight" in deltas[True] and "experts.0.vision.mlp.0.weight" in deltas[True]
+
+
+def test_gate_reads_the_banks_and_trains_once_they_exist():
+    model, data = build("regression", dropout=0.0)
+    model.train()
+    first, second = batches(data, 15)[:2]
+    model(first)  # the banks now hold prototypes
+    model.zero_grad(set_to_none=True)
+    sum(model(second).losses.values()).backward()
+    assert float(model.gate[0].weight.grad.abs().sum()) > 0

@@ -309,6 +309,10 @@ def alignment_loss(p: torch.Tensor, q: torch.Tensor, epsilon: float, iters: int,
 class PaSE(nn.Module):
     """PaSE: prototype calibration + OT alignment, prototype-gated experts, Shapley gradient modulation."""
 
+    # before any prototype exists the gate reads cos = 0, so its first layer's weight has an
+    # all-zero gradient on the very first step (tests/test_pase.py checks it trains afterwards)
+    zero_grad_at_start = ("gate.0.weight",)
+
     def __init__(self, cfg: PaSEConfig, info: DatasetInfo):
         super().__init__()
         self.cfg, self.info = cfg, info
