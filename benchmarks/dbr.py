@@ -102,7 +102,7 @@ def run(config: Path, overrides: list[str], seeds: list[int], epochs: int | None
         cfg.train.epochs = min(cfg.train.epochs, epochs)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
-        results = run_experiment(cfg, out)
+        results = run_experiment(cfg, out, overwrite=True)
         gates = []
         for entry in results["per_seed"]:
             history = [json.loads(line) for line in (Path(out) / f"seed_{entry['seed']}" / "log.jsonl").read_text().splitlines()]

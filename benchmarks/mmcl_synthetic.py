@@ -187,7 +187,7 @@ def run_model(label: str, name: str, overrides: dict, data, seeds: list[int], ep
     with (
         tempfile.TemporaryDirectory() as out
     ):  # checkpoints hold MMCL's replay buffer: keep them off the repo
-        results = run_experiment(cfg, out, data=data)
+        results = run_experiment(cfg, out, data=data, overwrite=True)
     return {
         "label": label,
         "model": name,

@@ -79,7 +79,7 @@ def run_one(config: Path, data_root: str, seeds: list[int], out: Path, epochs: i
     cfg = build_config(load_yaml(config), overrides + ([f"train.epochs={epochs}"] if epochs else []))
     data = load_dataset(cfg.data)
     started = time.perf_counter()
-    results = run_experiment(cfg, out, data=data)
+    results = run_experiment(cfg, out, data=data, overwrite=True)
     wall = time.perf_counter() - started
 
     torch.manual_seed(0)  # throughput: two epochs of training steps, the second one timed

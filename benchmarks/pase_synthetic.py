@@ -68,7 +68,7 @@ def train_settings(epochs: int, seeds: list[int]) -> list[str]:
 def run_model(name: str, sets: list[str], data, out: Path) -> dict:
     cfg = build_config({}, sets)
     started = time.perf_counter()
-    results = run_experiment(cfg, out / name, data=data)
+    results = run_experiment(cfg, out / name, data=data, overwrite=True)
     seconds = time.perf_counter() - started
     shapley, final, switches = [], [], []
     for seed in cfg.train.seeds:

@@ -54,7 +54,7 @@ def run_variant_seed(variant: str, seed: int, args, data, runs_dir: Path) -> dic
     cfg = build_config(load_yaml(CONFIG), sets)
     out = runs_dir / f"{variant}_seed{seed}"
     started, cpu_started = time.perf_counter(), time.process_time()
-    results = run_experiment(cfg, out, data=data)
+    results = run_experiment(cfg, out, data=data, overwrite=True)
     wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     history = [json.loads(line) for line in (out / f"seed_{seed}" / "log.jsonl").read_text().splitlines()]
     if not args.keep_checkpoints:

@@ -15,6 +15,7 @@ from msakit.config import build_config
 from msakit.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from msakit.train.experiment import run_experiment
 from msakit.train.loop import TrainingError
+from msakit.train.runfolder import RunFolderError
 
 
 def config(*sets: str, model: str = "lf_dnn"):
@@ -82,7 +83,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypat
 def test_resume_refuses_a_different_config(tmp_path):
     data = make_data()
     run_experiment(config("train.epochs=1"), tmp_path, data=data)
-    with pytest.raises(TrainingError, match="different config"):
+    with pytest.raises(RunFolderError, match="train.lr is 0.001 in the run but 0.1 now"):
         run_experiment(config("train.epochs=2", "train.lr=0.1"), tmp_path, resume=True, data=data)
 
 

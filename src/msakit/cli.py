@@ -12,16 +12,18 @@ import sys
 import time
 from pathlib import Path
 
+from msakit import __version__
 from msakit.config import ConfigError, build_config, load_yaml
 from msakit.data import DataError, list_datasets
 from msakit.metrics import format_table
 from msakit.registry import list_models
 from msakit.train.checkpoint import CheckpointError
 from msakit.train.loop import TrainingError
+from msakit.train.runfolder import RunFolderError, resume_tree
 
 log = logging.getLogger("msakit")
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingError, FileNotFoundError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingError, RunFolderError, FileNotFoundError)
 
 REGRESSION_KEYS = ["mae", "corr", "acc7", "acc5", "has0_acc2", "has0_f1", "non0_acc2", "non0_f1"]
 
@@ -49,10 +51,35 @@ def _data_overrides(args: argparse.Namespace) -> list[str]:
     return sets
 
 
+def _merged(base: dict, top: dict) -> dict:
+    """`top` over `base`, section by section (for a resume: the user's YAML over the run's)."""
+    tree = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for key, value in top.items():
+        tree[key] = _merged(tree[key], value) if isinstance(value, dict) and isinstance(tree.get(key), dict) else value
+    return tree
+
+
+def _resume_tree(out: Path, tree: dict, model: str | None) -> dict:
+    """The run's own config (OUT/config.yaml) with the user's YAML over it; another model is an
+    error here (its keys would not even build)."""
+    saved = resume_tree(out)
+    saved_name = (saved.get("model") or {}).get("name")
+    asked = model or (tree.get("model") or {}).get("name")
+    if asked and asked != saved_name:
+        raise RunFolderError(f"{out / 'config.yaml'}: model.name is {saved_name!r} in the run but {asked!r} "
+                             "now; a resume continues the run in the folder: drop the flag, or "
+                             "start a new run with another --out")
+    return _merged(saved, tree)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from msakit.train.experiment import run_experiment
 
     tree = load_yaml(args.config) if args.config else {}
+    if args.resume:
+        if not args.out:
+            raise RunFolderError("--resume needs --out DIR, the run folder to continue")
+        tree = _resume_tree(Path(args.out), tree, args.model)
     sets = _data_overrides(args)
     if args.model:
         sets.append(f"model.name={args.model}")
@@ -67,10 +94,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = build_config(tree, sets + list(args.set or []))
     out = Path(args.out or f"runs/{cfg.model_name}_{cfg.data.name}_{time.strftime('%Y%m%d-%H%M%S')}")
     log.info("model %s on %s, seeds %s -> %s", cfg.model_name, cfg.data.name, cfg.train.seeds, out)
-    results = run_experiment(cfg, out, resume=args.resume)
+    results = run_experiment(cfg, out, resume=args.resume, overwrite=args.overwrite)
     keys = _table_keys(results["test_mean"])
     rows = [(f"seed {r['seed']}", r["test"], {}) for r in results["per_seed"]]
-    rows.append(("mean ± std", results["test_mean"], results["test_std"]))
+    if len(rows) > 1:  # one seed has no spread: no "± 0.000"
+        rows.append(("mean ± std", results["test_mean"], results["test_std"]))
     print(f"\n{results['model']} on {results['dataset']} (test split; selected on validation "
           f"{results['selection']['metric']})")
     print(format_table(rows, keys))
@@ -82,11 +110,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from msakit.evaluate import evaluate_checkpoint
     from msakit.train.checkpoint import write_json
 
-    metrics = evaluate_checkpoint(args.checkpoint, _data_overrides(args), split=args.split)
-    print(f"\n{args.checkpoint} on the {args.split} split")
-    print(format_table([("", metrics, {})], _table_keys(metrics)))
+    result = evaluate_checkpoint(args.checkpoint, _data_overrides(args), split=args.split,
+                                 predictions=args.predictions)
+    print(f"\n{result.model} ({args.checkpoint}) on {result.dataset}, {result.split} split")
+    print(format_table([(result.model, result.metrics, {})], _table_keys(result.metrics)))
     if args.out:
-        write_json(metrics, args.out)
+        write_json(result.metrics, args.out)
+    if args.predictions:
+        print(f"\npredictions: {args.predictions}")
     return 0
 
 
@@ -126,40 +157,98 @@ def cmd_personality(args: argparse.Namespace) -> int:
         valid_fraction=args.valid_fraction, seed=args.seed, max_length=args.max_length,
         pooling=args.pooling,
     )
-    scores = ", ".join(f"{k} {meta[k]:.4f}" for k in ("train_mse", "valid_mse", "valid_mse_of_train_mean")
-                       if k in meta)
+    scores = ", ".join(f"{k} {meta[k]:.4f}" for k in ("train_mse", "valid_mse") if k in meta)
     print(f"Big-Five head on {meta['rows']} rows over {meta['encoder_description']} "
           f"({meta['pooling']} pooling): {scores}")
+    if "valid_mse_of_train_mean" in meta:
+        baseline = meta["valid_mse_of_train_mean"]
+        print(f"baseline: predicting the training rows' mean traits gives valid_mse {baseline:.4f}")
+        if meta["valid_mse"] >= baseline:
+            log.warning("the head (valid_mse %.4f) does not beat predicting the mean (%.4f): its "
+                        "personality features carry no trait information here; fit on more rows "
+                        "or use another encoder", meta["valid_mse"], baseline)
     print(f"wrote {Path(args.out)}; use it with --set model.personality_encoder={args.out}")
     return 0
 
 
+TRAIN_EXAMPLES = """\
+examples (run from the repository root; times for a 2-core machine):
+  msakit train --epochs 5 --out runs/quick
+      lf_dnn on the embedded synthetic data, 5 epochs, one seed (about 10 s)
+  msakit train --model tfn --seeds 1 2 --epochs 3 --set model.fusion_hidden=16 --out runs/tfn
+      TFN, two seeds, a model key overridden; prints one row per seed and mean ± std
+  msakit train --out runs/tfn --resume --epochs 6
+      continue that run: its seeds and config come from the folder; here up to 6 epochs
+  msakit train --config configs/lf_dnn/synthetic.yaml --set train.epochs=2 --out runs/lfdnn-yaml
+  msakit train --config configs/lf_dnn/mosi-poria.yaml --data-root ../shared/data --seeds 1 --out runs/lfdnn
+      real CMU-MOSI features (needs the data folder)
+"""
+
+EVAL_EXAMPLES = """\
+examples (after the `msakit train` examples):
+  msakit eval --checkpoint runs/tfn/seed_1/best.pt
+  msakit eval --checkpoint runs/tfn/seed_1/best.pt --split valid --predictions runs/tfn/valid.csv
+  msakit eval --checkpoint runs/lfdnn/seed_1/best.pt --data-root ../shared/data
+      read the run's data from another folder (the data moved)
+"""
+
+ANALYZE_EXAMPLES = """\
+examples (after the `msakit train` examples):
+  msakit analyze --checkpoint runs/tfn/seed_1/best.pt --split valid
+      exact Shapley values of text/audio/vision over the 8 modality subsets (table + PNG)
+"""
+
+FIT_EXAMPLES = """\
+examples:
+  msakit personality fit --csv examples/personality.csv --encoder tiny --epochs 20 --out runs/personality-tiny --trait-columns openness conscientiousness extraversion agreeableness neuroticism
+      a format check in seconds (random tiny encoder); use the default --encoder minilm on a real corpus
+"""
+
+
+def _subparser(commands, name: str, help: str, examples: str = "") -> argparse.ArgumentParser:
+    """A subcommand that also accepts -v/--quiet after its name and shows runnable examples."""
+    parser = commands.add_parser(name, help=help, description=help, epilog=examples or None,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
+    parser.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="no progress bars, only warnings and errors")
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="msakit", description="Multimodal sentiment analysis toolkit")
+    parser = argparse.ArgumentParser(prog="msakit", description="Multimodal sentiment analysis toolkit",
+                                     epilog="`msakit COMMAND --help` shows each command's examples")
+    parser.add_argument("--version", action="version", version=f"msakit {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars, only warnings and errors")
     commands = parser.add_subparsers(dest="command")
 
-    train = commands.add_parser("train", help="train and evaluate a model (default: lf_dnn on synthetic)")
+    train = _subparser(commands, "train", "train and evaluate a model (default: lf_dnn on synthetic)",
+                       TRAIN_EXAMPLES)
     train.add_argument("--model", help="registered model (msakit list-models)")
     _add_data_args(train)
     train.add_argument("--seeds", type=int, nargs="+", help="training seeds (one run each)")
     train.add_argument("--epochs", type=int, help="maximum epochs")
     train.add_argument("--out", help="output folder (default runs/<model>_<dataset>_<time>)")
     train.add_argument("--config", help="YAML experiment config")
-    train.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="override, e.g. model.hidden=64")
-    train.add_argument("--resume", action="store_true", help="continue the runs found in --out")
+    train.add_argument("--set", nargs="+", action="extend", metavar="KEY=VALUE",
+                       help="config overrides, e.g. train.lr=0.0005 data.batch_size=64")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run in --out (its seeds and config come from the folder)")
+    train.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
     train.add_argument("--device", help="cpu, cuda, cuda:N or auto")
-    train.add_argument("--quiet", action="store_true", help="no progress bars")
     train.set_defaults(handler=cmd_train)
 
-    evaluate = commands.add_parser("eval", help="evaluate a saved checkpoint (best.pt)")
+    evaluate = _subparser(commands, "eval", "evaluate a saved checkpoint (best.pt)", EVAL_EXAMPLES)
     evaluate.add_argument("--checkpoint", required=True)
     _add_data_args(evaluate)
     evaluate.add_argument("--split", default="test", choices=["train", "valid", "test"])
     evaluate.add_argument("--out", help="write the metrics to this JSON file")
+    evaluate.add_argument("--predictions", metavar="CSV", help="write the split's per-sample predictions here")
     evaluate.set_defaults(handler=cmd_eval)
 
-    analyze = commands.add_parser("analyze", help="modality Shapley contributions of a checkpoint")
+    analyze = _subparser(commands, "analyze", "modality Shapley contributions of a checkpoint",
+                         ANALYZE_EXAMPLES)
     analyze.add_argument("--checkpoint", required=True)
     _add_data_args(analyze)
     analyze.add_argument("--split", default="test", choices=["train", "valid", "test"])
@@ -167,10 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--out", help="folder for shapley.json/png (default: <checkpoint dir>/analysis)")
     analyze.set_defaults(handler=cmd_analyze)
 
-    personality = commands.add_parser("personality", help="personality encoders for PSA-MF")
+    personality = _subparser(commands, "personality", "personality encoders for PSA-MF")
     personality_commands = personality.add_subparsers(dest="personality_command", required=True)
-    fit = personality_commands.add_parser(
-        "fit", help="fit a Big-Five regression head on frozen text embeddings of a CSV")
+    fit = _subparser(personality_commands, "fit",
+                     "fit a Big-Five regression head on frozen text embeddings of a CSV", FIT_EXAMPLES)
     fit.add_argument("--csv", required=True, help="CSV with a text column and five trait columns in [0, 1]")
     fit.add_argument("--text-column", default="text")
     fit.add_argument("--trait-columns", nargs=5, required=True, metavar="COL",
@@ -187,10 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--pooling", default="auto", choices=["auto", "cls", "mean"])
     fit.set_defaults(handler=cmd_personality)
 
-    commands.add_parser("list-models", help="registered models").set_defaults(handler=cmd_list_models)
-    commands.add_parser("list-datasets", help="registered datasets").set_defaults(
-        handler=cmd_list_datasets
-    )
+    _subparser(commands, "list-models", "registered models").set_defaults(handler=cmd_list_models)
+    _subparser(commands, "list-datasets", "registered datasets").set_defaults(handler=cmd_list_datasets)
     return parser
 
 
@@ -198,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
@@ -210,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"msakit: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # Interrupted says where, and how to continue
+        print(f"msakit: {str(e) or 'interrupted'}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

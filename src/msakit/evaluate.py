@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from msakit.config import ConfigError, build_config
-from msakit.data import DatasetInfo, load_dataset
+from msakit.data import DataError, DatasetInfo, load_dataset
 from msakit.registry import create_model
-from msakit.train.checkpoint import CheckpointError, load_checkpoint
-from msakit.train.loop import evaluate, resolve_device
+from msakit.train.checkpoint import CheckpointError, load_checkpoint, write_text
+from msakit.train.loop import evaluate, predictions_csv, resolve_device
+
+
+@dataclass
+class Evaluation:
+    model: str
+    dataset: str
+    split: str
+    metrics: dict[str, float]
 
 
 def load_model_from_checkpoint(path: str | Path, data_overrides: list[str] = ()):
@@ -24,9 +33,20 @@ def load_model_from_checkpoint(path: str | Path, data_overrides: list[str] = ())
     return model.eval(), cfg, info
 
 
-def evaluate_checkpoint(path: str | Path, data_overrides: list[str] = (), split: str = "test") -> dict:
+def evaluate_checkpoint(
+    path: str | Path, data_overrides: list[str] = (), split: str = "test", predictions: str | Path | None = None
+) -> Evaluation:
+    """Metrics of the checkpoint at `path` on `split` ("train", "valid" or "test"); with
+    `predictions`, also write that split's per-sample predictions there (CSV: id, label,
+    prediction; the columns of `predictions_test.csv`). Raises CheckpointError / DataError (the
+    data error suggests `--data-root` when the run's data moved)."""
     model, cfg, saved_info = load_model_from_checkpoint(path, data_overrides)
-    data = load_dataset(cfg.data)
+    try:
+        data = load_dataset(cfg.data)
+    except (DataError, FileNotFoundError) as e:
+        where = cfg.data.data_path or cfg.data.data_root
+        raise DataError(f"{e} (the run read its data from {where}; pass --data-root DIR or --data-path FILE "
+                        "to evaluate on data that has moved)") from e
     if data.info.feature_dims != saved_info.feature_dims or data.info.output_dim != saved_info.output_dim:
         raise CheckpointError(
             f"{path}: trained on {saved_info.name} (dims {saved_info.feature_dims}, "
@@ -34,5 +54,7 @@ def evaluate_checkpoint(path: str | Path, data_overrides: list[str] = (), split:
             f"{data.info.output_dim} outputs"
         )
     device = resolve_device(cfg.train.device)
-    metrics, _ = evaluate(model.to(device), data.splits[split], data.info, cfg.data.batch_size, device)
-    return metrics
+    metrics, prediction = evaluate(model.to(device), data.splits[split], data.info, cfg.data.batch_size, device)
+    if predictions is not None:
+        write_text(predictions_csv(data.splits[split], prediction, data.info), Path(predictions))
+    return Evaluation(cfg.model_name, data.info.name, split, metrics)

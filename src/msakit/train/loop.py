@@ -45,6 +45,7 @@ from msakit.train.checkpoint import (
     write_json,
     write_text,
 )
+from msakit.train.runfolder import check_checkpoint, data_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -232,12 +233,6 @@ def checkpoint_state(cfg: ExperimentConfig, info: DatasetInfo, seed: int, **extr
     return {"format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "info": info.to_dict(), "seed": seed, **extra}
 
 
-def _resumable(config: dict) -> dict:
-    """The parts of a config that must match for a resume (more epochs, another device are fine)."""
-    train = {k: v for k, v in config["train"].items() if k not in ("epochs", "progress", "device", "seeds")}
-    return {**config, "train": train}
-
-
 def _state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
@@ -248,11 +243,14 @@ def fit(
     seed: int,
     run_dir: str | Path,
     resume: bool = False,
+    fingerprint: dict | None = None,
 ) -> SeedResult:
     """Train one seed; select on validation; evaluate test once. Writes into `run_dir`:
     last.pt (resumable state, every epoch), best.pt (selected model), log.jsonl (per epoch),
-    predictions_test.csv, metrics.json."""
+    predictions_test.csv, metrics.json. Checkpoints record the seed and the data's `fingerprint`
+    (`runfolder.data_fingerprint`); a resume from a last.pt that does not match is refused."""
     run_dir = Path(run_dir)
+    fingerprint = fingerprint or data_fingerprint(data)
     info, train_cfg = data.info, cfg.train
     device = resolve_device(train_cfg.device)
     metric, mode = selection_rule(cfg, info)
@@ -266,8 +264,7 @@ def fit(
     last_path = run_dir / "last.pt"
     if resume and last_path.is_file():
         state = load_checkpoint(last_path)
-        if _resumable(state["config"]) != _resumable(cfg.to_dict()):
-            raise TrainingError(f"{last_path}: saved with a different config; resume needs the same one")
+        check_checkpoint(state, last_path, cfg, seed, fingerprint)
         model.load_state_dict(state["model"])
         for name, optimizer in optimizers.items():
             optimizer.load_state_dict(state["optimizers"][name])
@@ -338,7 +335,7 @@ def fit(
                  record["train_loss"], metric, value, " *" if record["selected"] else "")
         save_checkpoint(
             checkpoint_state(
-                cfg, info, seed,
+                cfg, info, seed, data_fingerprint=fingerprint,
                 epoch=epoch + 1, model=model.state_dict(),
                 optimizers={k: o.state_dict() for k, o in optimizers.items()},
                 schedulers={k: sc.state_dict() for k, sc in schedulers.items()},
@@ -356,7 +353,8 @@ def fit(
         stopped = record["stopped"]
 
     model.load_state_dict(best_state)
-    save_checkpoint(checkpoint_state(cfg, info, seed, model=best_state, best_epoch=best_epoch), run_dir / "best.pt")
+    save_checkpoint(checkpoint_state(cfg, info, seed, model=best_state, best_epoch=best_epoch,
+                                     data_fingerprint=fingerprint), run_dir / "best.pt")
     valid_metrics, _ = evaluate(model, data.splits["valid"], info, cfg.data.batch_size, device)
     test_metrics, test_prediction = evaluate(model, data.splits["test"], info, cfg.data.batch_size, device)
     write_text(predictions_csv(data.splits["test"], test_prediction, info), run_dir / "predictions_test.csv")
