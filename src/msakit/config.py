@@ -25,6 +25,7 @@ import yaml
 
 from msakit.data.synthetic import SyntheticConfig
 from msakit.registry import get_model_entry
+from msakit.suggest import did_you_mean
 
 DEFAULT_MODEL = "lf_dnn"
 
@@ -181,7 +182,8 @@ def build_dataclass(cls: type, values: dict | Any, where: str):
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(
-            f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})"
+            f"{where}: unknown key {unknown[0]!r}{did_you_mean(unknown[0], known)} "
+            f"(known: {', '.join(sorted(known))})"
         )
     kwargs = {k: _check_type(v, hints[k], f"{where}.{k}") for k, v in values.items()}
     try:
@@ -232,7 +234,8 @@ def build_config(tree: dict | None = None, overrides: list[str] = ()) -> Experim
         _apply(tree, *parse_override(text))
     unknown = sorted(set(tree) - {"model", "data", "train"})
     if unknown:
-        raise ConfigError(f"config: unknown section {unknown[0]!r} (known: data, model, train)")
+        raise ConfigError(f"config: unknown section {unknown[0]!r}"
+                          f"{did_you_mean(unknown[0], ('data', 'model', 'train'))} (known: data, model, train)")
     model_tree = dict(tree.get("model") or {})
     name = model_tree.pop("name", DEFAULT_MODEL)
     try:

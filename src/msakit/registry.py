@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from msakit.suggest import did_you_mean
+
 
 @dataclass(frozen=True)
 class ModelEntry:
@@ -40,7 +42,7 @@ def _ensure_loaded() -> None:
 def get_model_entry(name: str) -> ModelEntry:
     _ensure_loaded()
     if name not in _MODELS:
-        raise KeyError(f"unknown model {name!r}; known: {', '.join(sorted(_MODELS))}")
+        raise KeyError(f"unknown model {name!r}{did_you_mean(name, _MODELS)}; known: {', '.join(sorted(_MODELS))}")
     return _MODELS[name]
 
 

@@ -16,6 +16,7 @@ from msakit.data.base import (
     to_loader,
     validate,
 )
+from msakit.suggest import did_you_mean
 
 if TYPE_CHECKING:
     from msakit.config import DataConfig
@@ -42,7 +43,8 @@ def list_datasets() -> dict[str, str]:
 
 def load_dataset(cfg: DataConfig) -> MultimodalData:
     if cfg.name not in _LOADERS:
-        raise DataError(f"unknown dataset {cfg.name!r}; known: {', '.join(sorted(_LOADERS))}")
+        raise DataError(f"unknown dataset {cfg.name!r}{did_you_mean(cfg.name, _LOADERS)}; "
+                        f"known: {', '.join(sorted(_LOADERS))}")
     data = _LOADERS[cfg.name](cfg)
     return data if data.validated else validate(data)
 
