@@ -18,8 +18,9 @@ selected epoch are reported so the rebalancing can be inspected.
         [--parts synthetic mintrec-synth mosi-poria mintrec-text] [--models dbr 'dbr w/o TSF' misa ...]
 
 --epochs caps every config's epoch count (reduced CPU runs); finished (part, model, seeds, epochs)
-entries are kept in benchmarks/results/dbr.json and not rerun unless --fresh. Writes
-benchmarks/results/dbr.md.
+entries are kept in dbr.json and not rerun unless --fresh. Writes dbr.md and .json into --out
+(default runs/benchmarks/dbr/); --publish writes benchmarks/results/ instead and refuses to replace
+a row by one with fewer seeds or epochs.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from results_store import update_json
+from results_store import add_output_args, refuse_weaker, results_dir, update_json
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("synthetic", "mintrec-synth", "mosi-poria", "mintrec-text")
@@ -238,12 +239,11 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
     parser.add_argument("--models", nargs="+", default=[*DBR_VARIANTS, "misa", "lf_dnn"],
                         help="row names: dbr, 'dbr w/o TSF', ..., misa, lf_dnn (default: all)")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    add_output_args(parser, "dbr")
     parser.add_argument("--fresh", action="store_true", help="ignore finished entries in dbr.json")
     args = parser.parse_args()
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = results_dir(args)
     store = out / "dbr.json"
     saved = json.loads(store.read_text()) if store.is_file() and not args.fresh else {}
     rows, skipped = saved.get("rows", {}), saved.get("skipped", {})
@@ -261,6 +261,9 @@ def main() -> None:
         for name, config, overrides in model_runs(part, args.models):
             done = rows.get(part, {}).get(name)
             same_runs = done and done.get("epoch_cap") == args.epochs and done["overrides"] == overrides
+            if args.publish and done and not same_runs:  # a replaced row: never by a weaker one
+                refuse_weaker(f"{store.name} {part} / {name}", len(done["seeds"]), done.get("epoch_cap"),
+                              len(args.seeds), args.epochs)
             seeds = [s for s in args.seeds if not same_runs or s not in done["seeds"]]
             if not seeds:
                 print(f"== {part} / {name}: kept from {store.name}", flush=True)

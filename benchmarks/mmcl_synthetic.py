@@ -22,7 +22,8 @@ the same lr; the release's 3e-4 is too slow for this budget), batch 32, and the 
 selected on the VALIDATION split (IEMOCAP: mean weighted F1; regression: MAE); the test split
 is evaluated once for it. The defaults took 28 min wall on a shared 2-core machine (one torch
 thread); --epochs, --sizes and --seeds shorten it.
-Writes benchmarks/results/mmcl_synthetic.md and .json.
+Writes mmcl_synthetic.md and .json into --out (default runs/benchmarks/mmcl_synthetic/);
+--publish writes benchmarks/results/ instead and refuses fewer seeds, epochs or models.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from results_store import update_json
+from results_store import add_output_args, refuse_weaker, results_dir, update_json
 
 ROOT = Path(__file__).resolve().parents[1]
 SPLITS = ("train", "valid", "test")
@@ -222,8 +223,14 @@ def main() -> None:
     parser.add_argument(
         "--with-fix", action="store_true", help="also run MMCL + normalize_modalities"
     )
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    add_output_args(parser, "mmcl_synthetic")
     args = parser.parse_args()
+    out = results_dir(args)
+    if args.publish and (out / "mmcl_synthetic.json").is_file():
+        saved = json.loads((out / "mmcl_synthetic.json").read_text())
+        refuse_weaker("mmcl_synthetic.json", len(saved["seeds"]), saved["epochs"], len(args.seeds), args.epochs)
+        if args.models:
+            raise SystemExit("--publish refused: --models would drop the other rows of mmcl_synthetic.json")
 
     import torch
 
@@ -260,8 +267,6 @@ def main() -> None:
                 "rows": rows,
             }
     report["wall_s"] = time.perf_counter() - started
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     update_json(out / "mmcl_synthetic.json", lambda _: report)
     write_markdown(report, out / "mmcl_synthetic.md")
     print((out / "mmcl_synthetic.md").read_text())

@@ -8,9 +8,11 @@ utterance features of Poria et al. (Poria's split; validation carved out of the 
 `--epochs N` caps every run at N epochs (a reduced CPU run); the cap is recorded with the row and
 shown in the table.
 
-Writes benchmarks/results/mosi_poria.md (mean ± population std over seeds) and .json, including a
-ridge-regression reference computed here on the same split, training throughput (samples/s) and the
-peak resident memory of each model's run (each model runs in its own process so peaks are its own).
+Writes mosi_poria.md (mean ± population std over seeds) and .json into `--out` (default
+runs/benchmarks/mosi_poria/), including a ridge-regression reference computed here on the same
+split, training throughput (samples/s) and the peak resident memory of each model's run (each model
+runs in its own process so peaks are its own). Only `--publish` writes benchmarks/results/ and the
+README's table, and it refuses to replace a row by one with fewer seeds or epochs.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from results_store import update_json
+from results_store import PUBLISHED, add_output_args, refuse_weaker, results_dir, update_json
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = ["mae", "corr", "acc7", "acc5", "has0_acc2", "has0_f1", "non0_acc2", "non0_f1"]
@@ -113,25 +115,32 @@ def run_one(config: Path, data_root: str, seeds: list[int], out: Path, epochs: i
     }
 
 
-def main() -> None:
+def check_publish(rows: dict, key: str, seeds: list[int], epochs: int | None) -> None:
+    """Refuse (SystemExit) to replace the published row of `key` by a weaker one."""
+    if key in rows:
+        old = rows[key]
+        refuse_weaker(f"{PUBLISHED.name}/mosi_poria.json row {key}", len(old.get("seeds") or [1] * 5),
+                      old.get("epochs_cap"), len(seeds), epochs)
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"))
     parser.add_argument("--models", nargs="*", help="only these models (default: all with a config)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     parser.add_argument("--configs", nargs="*", help="only these config files")
     parser.add_argument("--epochs", type=int, help="cap every run at this many epochs (reduced run)")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    add_output_args(parser, "mosi_poria")
     parser.add_argument("--report-only", action="store_true", help="rewrite the .md from the .json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     if not (Path(args.data_root) / "mosi-poria").is_dir():
         sys.exit(f"{args.data_root}/mosi-poria not found: pass --data-root to the shared data folder")
-    out = Path(args.out)
     if args.worker:
         worker = Path(args.worker)
-        result = run_one(worker, args.data_root, args.seeds, out / "runs" / worker.parent.name / worker.stem,
-                         args.epochs)
+        result = run_one(worker, args.data_root, args.seeds,
+                         Path(args.out) / "runs" / worker.parent.name / worker.stem, args.epochs)
         print(json.dumps(result))
         return
 
@@ -140,13 +149,17 @@ def main() -> None:
         configs = [c for c in configs if c.parent.name in args.models]
     if args.configs:
         configs = [Path(c).resolve() for c in args.configs]
+    out = results_dir(args)
     previous = out / "mosi_poria.json"
-    out.mkdir(parents=True, exist_ok=True)
+    if args.publish and previous.is_file() and not args.report_only:  # before any compute is spent
+        published = json.loads(previous.read_text())
+        for config in configs:
+            check_publish(published, str(config.relative_to(ROOT)), args.seeds, args.epochs)
     for config in [] if args.report_only else configs:
         print(f"== {config.relative_to(ROOT)}", flush=True)
         proc = subprocess.run(
             [sys.executable, __file__, "--worker", str(config), "--data-root", args.data_root,
-             "--out", str(out), "--seeds", *map(str, args.seeds),
+             "--out", args.out, "--seeds", *map(str, args.seeds),
              *(["--epochs", str(args.epochs)] if args.epochs else [])],
             capture_output=True, text=True,
         )
@@ -155,13 +168,21 @@ def main() -> None:
             sys.exit(f"{config}: benchmark run failed")
         result = json.loads(proc.stdout.strip().splitlines()[-1])
         key = str(config.relative_to(ROOT))
-        update_json(previous, lambda rows, key=key, result=result: {**rows, key: result})
+        def add(rows: dict, key=key, result=result) -> dict:
+            if args.publish:  # again at write time: another process may have published meanwhile
+                check_publish(rows, key, args.seeds, args.epochs)
+            return {**rows, key: result}
+
+        update_json(previous, add)
         print(f"   MAE {result['test_mean']['mae']:.3f}  Non0-Acc2 {100 * result['test_mean']['non0_acc2']:.1f}"
               f"  ({result['samples_per_s']:.0f} samples/s, {result['wall_s']:.0f} s)", flush=True)
     rows = json.loads(previous.read_text()) if previous.is_file() else {}
-    table = write_markdown(rows, args.data_root, len(args.seeds), out / "mosi_poria.md")
-    update_readme(table)
+    table = write_markdown(rows, args.data_root, out / "mosi_poria.md")
+    if args.publish:
+        update_readme(table)
     print((out / "mosi_poria.md").read_text())
+    print(f"wrote {out / 'mosi_poria.md'} and .json" + ("" if args.publish else
+          "; README.md and benchmarks/results/ untouched (--publish writes them)"))
 
 
 def row_label(config: str, row: dict) -> str:
@@ -208,13 +229,18 @@ def other_benchmarks(results: Path) -> list[tuple[str, dict, dict]]:
     return rows
 
 
-def write_markdown(rows: dict, data_root: str, n_seeds: int, path: Path) -> str:
+def _spread(row: dict) -> dict:
+    """A row's std, or none for a single seed (no "± 0.000")."""
+    return row["test_std"] if len(row.get("seeds") or [1] * 5) > 1 else {}
+
+
+def write_markdown(rows: dict, data_root: str, path: Path) -> str:
     """Writes the report; returns its metrics table."""
     from msakit.metrics import format_table
 
     reference = ridge_references(data_root)
-    ours = [(row_label(k, r), r["test_mean"], r["test_std"]) for k, r in sorted(rows.items())]
-    table = format_table(reference + ours + other_benchmarks(path.parent), KEYS)
+    ours = [(row_label(k, r), r["test_mean"], _spread(r)) for k, r in sorted(rows.items())]
+    table = format_table(reference + ours + other_benchmarks(PUBLISHED), KEYS)
     cost = "\n".join(
         f"| {row_label(k, r)} | {r['params']:,} | {r['samples_per_s']:.0f} | "
         f"{r['peak_rss_mb']:.0f} | {r['wall_s']:.0f} |"
@@ -222,7 +248,7 @@ def write_markdown(rows: dict, data_root: str, n_seeds: int, path: Path) -> str:
     )
     path.write_text(
         "# CMU-MOSI (Poria et al. utterance features), Poria's split\n\n"
-        f"Test split, mean ± population std over {n_seeds} seeds unless the row says otherwise; "
+        "Test split, mean ± population std over 5 seeds unless the row says otherwise; "
         "checkpoint selected on validation (videos held out of Poria's training videos); rows marked "
         "≤N epochs were capped at N epochs for CPU time (reduced runs). Accuracies and F1 in %.\n\n"
         f"{table}\n\n"

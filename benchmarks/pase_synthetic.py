@@ -15,13 +15,15 @@ For every trained model: test metrics, and the exact Shapley contribution of eac
 test MAE (msakit.analysis: absent modalities zeroed, utility = -MAE). Also the cost of SGM per
 training step (median over many interleaved steps, a phase-2 step with SGM vs without).
 Nothing here is tuned on the test split: every setting below was fixed before looking at it.
-Writes benchmarks/results/pase_synthetic.md (and the runs under --out).
+Writes pase_synthetic.md and the runs under --out; --publish writes the report to
+benchmarks/results/pase_synthetic.md instead and refuses fewer seeds or epochs than it has.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import time
@@ -229,12 +231,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--cost-steps", type=int, default=40)
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench_pase_synthetic"))
-    parser.add_argument("--report", help="markdown report (default benchmarks/results/pase_synthetic.md; "
-                        "with --quick: <out>/report.md)")
+    parser.add_argument("--report", help="markdown report (default <out>/pase_synthetic.md; "
+                        "with --publish benchmarks/results/pase_synthetic.md)")
+    parser.add_argument("--publish", action="store_true", help="write the committed report (refused if it "
+                        "has more seeds or epochs than this run)")
     parser.add_argument("--quick", action="store_true", help="1 seed, 10 epochs, 10 cost steps")
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.epochs, args.cost_steps = [1], 10, 10
+    published = ROOT / "benchmarks" / "results" / "pase_synthetic.md"
+    path = Path(args.report) if args.report else published if args.publish else Path(args.out) / "pase_synthetic.md"
+    header = re.search(r"\(seeds \[([\d, ]+)\], (\d+) epochs", published.read_text()) if path == published and published.is_file() else None
+    if header:
+        from results_store import refuse_weaker
+
+        refuse_weaker(published.name, len(header[1].split(",")), int(header[2]), len(args.seeds), args.epochs)
     torch.set_num_threads(1)
     started = time.perf_counter()
     out = Path(args.out)
@@ -247,8 +258,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: done in {runs[name]['seconds'] / 60:.1f} min", file=sys.stderr, flush=True)
     cost = step_cost(data, args.cost_steps)
     text = report(runs, cost, oracle, args, time.perf_counter() - started)
-    default = out / "report.md" if args.quick else ROOT / "benchmarks" / "results" / "pase_synthetic.md"
-    path = Path(args.report) if args.report else default
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     print(text)

@@ -8,7 +8,9 @@ Variants: full; no_personality, no_prefusion, no_enhanced_fusion, no_ps_loss, no
 one switch of the model config). Every run selects its checkpoint on the VALIDATION split (MAE)
 and evaluates the test split once; nothing is tuned on test. Reports test metrics mean ± population
 std over the seeds and the measured seconds per epoch (training pass + validation pass, from the
-runs' own logs) on this machine's CPU. Writes benchmarks/results/psa_mf_mosi.md and .json.
+runs' own logs) on this machine's CPU. Writes psa_mf_mosi.md and .json into --out (default
+runs/benchmarks/psa_mf_mosi/); --publish writes benchmarks/results/ instead and refuses to replace
+the published runs by fewer seeds, epochs or variants.
 Checkpoints (~180 MB per run: the trained MiniLM) are deleted after each run unless
 --keep-checkpoints. Runs are appended to the JSON as they finish, so an interrupted benchmark can
 be continued with --resume (finished variant/seed pairs are skipped).
@@ -26,7 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from results_store import update_json
+from results_store import add_output_args, refuse_weaker, results_dir, update_json
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "psa_mf" / "mosi-poria.yaml"
@@ -83,17 +85,26 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, help="max epochs (default: the config's)")
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    add_output_args(parser, "psa_mf_mosi")
     parser.add_argument("--runs-dir", help="run folders (default: a temporary folder)")
     parser.add_argument("--keep-checkpoints", action="store_true")
     parser.add_argument("--resume", action="store_true", help="skip runs already in the JSON")
     parser.add_argument("--report-only", action="store_true", help="rewrite the .md from the .json")
     args = parser.parse_args()
+    out = results_dir(args)
     if args.report_only:
-        saved = json.loads((Path(args.out) / "psa_mf_mosi.json").read_text())
-        write_markdown(saved["meta"], saved["runs"], Path(args.out) / "psa_mf_mosi.md")
-        print((Path(args.out) / "psa_mf_mosi.md").read_text())
+        saved = json.loads((out / "psa_mf_mosi.json").read_text())
+        write_markdown(saved["meta"], saved["runs"], out / "psa_mf_mosi.md")
+        print((out / "psa_mf_mosi.md").read_text())
         return
+    if args.publish and (out / "psa_mf_mosi.json").is_file() and not args.resume:
+        saved = json.loads((out / "psa_mf_mosi.json").read_text())
+        refuse_weaker("psa_mf_mosi.json", len(saved["meta"]["seeds"]), saved["meta"]["epochs"],
+                      len(args.seeds), args.epochs)
+        missing = {r["variant"] for r in saved["runs"]} - set(args.variants)
+        if missing:
+            raise SystemExit(f"--publish refused: psa_mf_mosi.json has variants {sorted(missing)} "
+                             "that this run would drop")
 
     if not (Path(args.data_root) / "mosi-poria").is_dir():
         sys.exit(f"{args.data_root}/mosi-poria not found: pass --data-root to the shared data folder")
@@ -103,8 +114,6 @@ def main() -> None:
     from msakit.data import load_dataset
 
     torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     json_path = out / "psa_mf_mosi.json"
     runs = json.loads(json_path.read_text())["runs"] if args.resume and json_path.is_file() else []
     done = {(r["variant"], r["seed"]) for r in runs}

@@ -5,7 +5,6 @@ head's mean baseline, and no "± 0.000" for a single seed."""
 from __future__ import annotations
 
 import csv
-import re
 import shlex
 from pathlib import Path
 

@@ -1,0 +1,86 @@
+"""Benchmarks never edit tracked files unless asked: they write to --out; only --publish writes
+benchmarks/results/ and the README, and it refuses to replace a row by a weaker one."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import mosi_poria  # noqa: E402
+import results_store  # noqa: E402
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("old,new,refused", [
+    ((5, None), (1, 2), True),      # the issue's case: 5 seeds, full epochs -> 1 seed, 2 epochs
+    ((5, None), (5, 40), True),     # a cap is fewer epochs than the configs' own
+    ((5, 10), (4, 10), True),
+    ((5, 10), (5, 9), True),
+    ((5, 10), (5, 10), False),
+    ((5, 10), (5, None), False),
+    ((3, 2), (5, 2), False),
+])
+def test_refuse_weaker(old, new, refused):
+    if refused:
+        with pytest.raises(SystemExit, match="--publish refused: row x is published with"):
+            results_store.refuse_weaker("row x", *old, *new)
+    else:
+        results_store.refuse_weaker("row x", *old, *new)
+
+
+def fake_worker_result(config: str, seeds: list[int]) -> dict:
+    metrics = dict.fromkeys(mosi_poria.KEYS, 0.5)
+    return {"model": "lf_dnn", "config": config, "test_mean": metrics, "test_std": dict.fromkeys(metrics, 0.0),
+            "per_seed": [], "samples_per_s": 1.0, "peak_rss_mb": 1.0, "wall_s": 1.0, "params": 1,
+            "epochs_cap": 2, "seeds": seeds}
+
+
+@pytest.fixture
+def fake_runs(monkeypatch, tmp_path):
+    """mosi_poria.main without training: the worker subprocess and the ridge rows are faked."""
+    (tmp_path / "data" / "mosi-poria").mkdir(parents=True)
+    calls = []
+
+    def run(argv, **kwargs):
+        calls.append(argv)
+        config = str(Path(argv[argv.index("--worker") + 1]).relative_to(ROOT))
+        seeds = [int(s) for s in argv[argv.index("--seeds") + 1:] if s.isdigit()][:1]
+        return SimpleNamespace(returncode=0, stdout=json.dumps(fake_worker_result(config, seeds)), stderr="")
+
+    monkeypatch.setattr(mosi_poria.subprocess, "run", run)
+    monkeypatch.setattr(mosi_poria, "ridge_references", lambda data_root: [])
+    return tmp_path, calls
+
+
+def test_a_run_without_publish_writes_only_to_out(fake_runs, capsys):
+    tmp_path, calls = fake_runs
+    tracked = [ROOT / "README.md", *sorted((ROOT / "benchmarks" / "results").glob("mosi_poria.*"))]
+    before = {p: digest(p) for p in tracked}
+    out = tmp_path / "out"
+    mosi_poria.main(["--data-root", str(tmp_path / "data"), "--configs", "configs/lf_dnn/mosi-poria.yaml",
+                     "--seeds", "1", "--epochs", "2", "--out", str(out)])
+    assert {p: digest(p) for p in tracked} == before
+    report = (out / "mosi_poria.md").read_text()
+    assert "| lf_dnn [1 seeds, ≤2 epochs] | 0.500 |" in report and "± 0.000" not in report.split("\n| lf_dnn")[1]
+    assert json.loads((out / "mosi_poria.json").read_text())["configs/lf_dnn/mosi-poria.yaml"]["seeds"] == [1]
+    assert len(calls) == 1 and "README.md and benchmarks/results/ untouched" in capsys.readouterr().out
+
+
+def test_publish_refuses_to_replace_a_5_seed_row_before_running(fake_runs):
+    tmp_path, calls = fake_runs
+    before = digest(ROOT / "benchmarks" / "results" / "mosi_poria.json")
+    with pytest.raises(SystemExit, match="is published with 5 seeds, the configs' own epochs; this run has 1 seeds"):
+        mosi_poria.main(["--data-root", str(tmp_path / "data"), "--configs", "configs/lf_dnn/mosi-poria.yaml",
+                         "--seeds", "1", "--epochs", "2", "--publish"])
+    assert calls == [] and digest(ROOT / "benchmarks" / "results" / "mosi_poria.json") == before
