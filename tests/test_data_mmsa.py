@@ -13,7 +13,8 @@ from msakit.batch import MODALITIES
 from msakit.config import DataConfig
 from msakit.data import load_dataset, to_loader
 from msakit.data.base import DataError, SplitArrays, validate
-from msakit.data.mmsa import lengths_from_padding, read_mmsa, write_mmsa
+from msakit.data.mmsa import read_mmsa, write_mmsa
+from msakit.data.padding import Sequences, infer_lengths, real_frames
 from msakit.data.safe_pickle import load_pickle, save_pickle
 
 DIMS = {"text": 8, "audio": 5, "vision": 6}
@@ -118,10 +119,12 @@ def test_lengths_from_padding_helper():
     x[1, 2, 1] = 3.0
     x[2, :, 0] = 1.0
     x[3, 0, 0] = np.nan  # non-finite counts as padding (it is zeroed by sanitising)
-    np.testing.assert_array_equal(lengths_from_padding(x), [1, 3, 5, 1])
+    np.testing.assert_array_equal(infer_lengths(Sequences([x], real_frames(x)), "end"), [1, 3, 5, 1])
+    np.testing.assert_array_equal(infer_lengths(Sequences([x], real_frames(x)), "start"), [1, 3, 5, 1])
     y = np.zeros_like(x)
     y[0, 4, 1] = 1.0  # several modalities: a frame is real if any is
-    np.testing.assert_array_equal(lengths_from_padding(x, y), [5, 3, 5, 1])
+    np.testing.assert_array_equal(infer_lengths(Sequences([x, y], real_frames(x, y)), "end"), [5, 3, 5, 1])
+    np.testing.assert_array_equal(infer_lengths(Sequences([x, y], real_frames(x, y)), "start"), [1, 3, 5, 1])
 
 
 def test_stored_lengths_clipped(tmp_path, caplog):
@@ -288,7 +291,7 @@ def test_classification_split_arrays_round_trip(tmp_path):
     data = read_mmsa(path)
     assert data.info.task == "classification" and data.info.num_classes == 4
     assert data.info.metric_family == "multiclass" and data.info.name == "four"
-    assert data.notes == ["hi"]
+    assert data.notes[-1] == "hi" and data.notes[0].startswith("padding: text end")
     for split in SIZES:
         np.testing.assert_array_equal(data.splits[split].labels, splits[split].labels)
         assert data.splits[split].labels.dtype == np.int64

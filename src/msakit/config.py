@@ -47,6 +47,9 @@ class DataConfig:
     """mosi-poria: share of Poria's training VIDEOS held out as the validation split."""
     split_seed: int = 0
     """Seed of data-side randomness (validation carve-out, synthetic data); fixed across training seeds."""
+    padding: str = "auto"
+    """MMSA / MulT pickles: which side sequences are padded on: "auto" (found in the data; both
+    sides seen is an error), "start" (MulT's releases, MMSA-FET padding_location='start') or "end"."""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
     def __post_init__(self) -> None:
@@ -54,6 +57,8 @@ class DataConfig:
             raise ConfigError("data.batch_size must be >= 1")
         if not 0.0 < self.valid_fraction < 1.0:
             raise ConfigError("data.valid_fraction must be in (0, 1)")
+        if self.padding not in ("auto", "start", "end"):
+            raise ConfigError(f"data.padding must be auto, start or end, got {self.padding!r}")
         if self.data_root is None:
             self.data_root = os.environ.get("MSAKIT_DATA") or None
 

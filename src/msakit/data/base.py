@@ -185,6 +185,44 @@ def validate(data: MultimodalData) -> MultimodalData:
     return data
 
 
+def clip_key(clip: str) -> tuple[int, float, str]:
+    """Sort key of a clip name inside its video: numbers in numeric order ("10" after "9",
+    MulT's start times "3.5"), then other names alphabetically."""
+    try:
+        return (0, float(clip), "")
+    except ValueError:
+        return (1, 0.0, clip)
+
+
+def group_by_video(
+    splits: dict[str, SplitArrays], clips: dict[str, list[tuple[str, str] | None]], how: str
+) -> str:
+    """Set every split's `groups` from (video, clip) per row, in place, and return the run's note.
+
+    clips: split -> one (video, clip) per row, None where the id names no video. Rows of a video
+    are put in clip order (`clip_key`), videos stay in order of first appearance; a split whose
+    rows are already in that order keeps it. If any id names no video, no split gets groups
+    (contextual models then refuse the data, see `to_loader`). how: where the videos come from,
+    for the note (e.g. "MMSA ids 'video$_$clip'")."""
+    missing = sum(key is None for keys in clips.values() for key in keys)
+    if missing:
+        total = sum(len(keys) for keys in clips.values())
+        return (f"video context: none ({missing} of {total} ids name no video; expected {how}); "
+                "contextual models refuse this data")
+    videos = 0
+    for split, keys in clips.items():
+        rank: dict[str, int] = {}
+        for video, _ in keys:
+            rank.setdefault(video, len(rank))
+        rows = sorted(range(len(keys)), key=lambda r: (rank[keys[r][0]], clip_key(keys[r][1]), r))
+        arrays = splits[split]
+        if rows != list(range(len(keys))):
+            arrays = splits[split] = arrays.subset(np.array(rows, dtype=np.int64))
+        arrays.groups = np.array([rank[keys[r][0]] for r in rows], dtype=np.int64)
+        videos += len(rank)
+    return f"video context: {videos} videos from the {how}, clips in clip order within each video"
+
+
 class _SplitDataset(Dataset):
     def __init__(self, arrays: SplitArrays, task: str):
         self.arrays = arrays
@@ -248,10 +286,17 @@ def to_loader(
 
     whole_videos: each batch holds `batch_size` whole VIDEOS (all their utterances, in order) and
     `Batch.group` [B] says which video of the batch each utterance belongs to. Contextual models
-    (bc-LSTM) need this; predictions and metrics stay per utterance."""
+    (bc-LSTM) need this; predictions and metrics stay per utterance. Raises DataError when the
+    split has no `groups` (a contextual model must not run without its context)."""
     dataset = _SplitDataset(arrays, info.task)
     generator = torch.Generator().manual_seed(seed) if shuffle else None
     if whole_videos:
+        if arrays.groups is None:
+            raise DataError(
+                f"{info.name}: this model reads the utterances of each video in context, but the "
+                "data do not say which clips form a video (no video groups: MMSA ids must be "
+                "'video$_$clip', MulT ids [video, clip, ...]); use such data or a model without context"
+            )
         groups = video_groups(arrays)
         return DataLoader(
             groups,

@@ -15,11 +15,14 @@ Other keys (annotations, classification_labels of old MMSA files, ...) are ignor
 
 Lengths (all clipped to [1, L]):
     text: text_bert[:, 1, :].sum() (the attention mask) when present, else inferred from padding;
-    audio/vision: the stored *_lengths; without them (aligned files) the text lengths when the
-    sequence length equals L_t, else inferred from padding.
-"Inferred from padding" = index of the last frame that is not all-zero, plus one (min 1); a frame
-whose values are all zero or non-finite counts as padding. Using the LAST real frame (not the
-first zero frame) never drops real frames, whichever side the padding is on.
+    audio/vision: the stored *_lengths; without them (aligned files) the text's lengths and
+    padding side when the sequence length equals L_t, else inferred from padding.
+Padding side: MMSA-FET pads at the end by default and at the start with
+`padding_location='start'`; the side is found in the data per modality (`data.padding=auto`,
+or forced with start|end; see msakit/data/padding.py) and start-padded sequences are stored with
+their real frames first. The side found is one of the run's notes.
+Video context: ids "video$_$clip" give each split's `groups` (clips of a video in clip order);
+ids without "$_$" give none (a note says so; contextual models refuse such data).
 
 msakit extension (written by `write_mmsa`, ignored by other MMSA readers): an optional top-level
 key "msakit" holding a dict with any of
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,8 +52,10 @@ from msakit.data.base import (
     DatasetInfo,
     MultimodalData,
     SplitArrays,
+    group_by_video,
     validate,
 )
+from msakit.data.padding import Sequences, Units, normalise_padding, real_frames
 from msakit.data.safe_pickle import load_pickle, save_pickle
 
 if TYPE_CHECKING:
@@ -59,10 +65,10 @@ log = logging.getLogger(__name__)
 
 META_KEY = "msakit"
 SIMS_KEYS = ("regression_labels_T", "regression_labels_A", "regression_labels_V")
-_CHUNK = 1024  # samples per block when scanning for padding (bounds temporary memory)
+VIDEO_SEPARATOR = "$_$"
 
 __all__ = [
-    "lengths_from_padding",
+    "mmsa_video",
     "load_mmsa",
     "read_mmsa",
     "split_to_mmsa",
@@ -73,38 +79,14 @@ __all__ = [
 # ----------------------------------------------------------------------------- helpers
 
 
-def real_frames(features: np.ndarray) -> np.ndarray:
-    """[N, L, D] -> [N, L] bool: True where a frame has a finite non-zero value."""
-    n, steps = features.shape[:2]
-    real = np.zeros((n, steps), dtype=bool)
-    for start in range(0, n, _CHUNK):
-        block = features[start : start + _CHUNK]
-        real[start : start + _CHUNK] = np.any(np.isfinite(block) & (block != 0), axis=2)
-    return real
-
-
-def last_real_frame(real: np.ndarray) -> np.ndarray:
-    """[N, L] bool -> [N] int64: index of the last True frame + 1; 1 where no frame is real."""
-    steps = real.shape[1]
-    lengths = steps - np.argmax(real[:, ::-1], axis=1)
-    lengths[~real.any(axis=1)] = 1
-    return lengths.astype(np.int64)
-
-
-def lengths_from_padding(*features: np.ndarray) -> np.ndarray:
-    """Real lengths of zero-padded sequences. features: one or more [N, L, D_m] with the same
-    N and L (several = word-aligned modalities, a frame is real if any modality's is).
-    Returns [N] int64 in [1, L]: index of the last not-all-zero frame + 1 (1 if none)."""
-    real = real_frames(features[0])
-    for other in features[1:]:
-        real |= real_frames(other)
-    return last_real_frame(real)
-
-
 def to_float_array(value: Any, where: str) -> np.ndarray:
+    """value as float32 (the same array when it already is one and writeable). Complex values
+    (whose imaginary part a cast would drop) and non-numbers raise DataError naming `where`."""
+    if np.iscomplexobj(value):
+        raise DataError(f"{where}: complex values; expected real numbers")
     try:
         array = np.asarray(value, dtype=np.float32)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:
         raise DataError(f"{where}: not a numeric array ({e})") from e
     if not array.flags.writeable:
         array = array.copy()
@@ -146,8 +128,15 @@ def _clip_lengths(lengths: np.ndarray, steps: int, where: str) -> np.ndarray:
 # ----------------------------------------------------------------------------- reading
 
 
-def _read_split(raw: Any, path: Path, split: str, task: str) -> tuple[SplitArrays, bool]:
-    """One split dict -> (SplitArrays, has CH-SIMS unimodal labels)."""
+@dataclass
+class _Split:
+    arrays: SplitArrays
+    units: Units
+    sims: bool
+
+
+def _read_split(raw: Any, path: Path, split: str, task: str) -> _Split:
+    """One split dict -> its arrays (lengths still to be set by `read_mmsa`) and padding units."""
     if not isinstance(raw, dict):
         raise DataError(f"{path}: split {split!r} is a {type(raw).__name__}, expected a dict")
     label_key = "classification_labels" if task == "classification" else "regression_labels"
@@ -155,47 +144,51 @@ def _read_split(raw: Any, path: Path, split: str, task: str) -> tuple[SplitArray
         if key not in raw:
             raise DataError(f"{path}: {split}.{key} is missing")
 
-    labels = np.asarray(raw[label_key])
+    where = f"{path}: {split}.{label_key}"
+    labels = to_float_array(raw[label_key], where)
     if labels.ndim == 2 and labels.shape[1] == 1:
         labels = labels[:, 0]
     if labels.ndim != 1:
-        raise DataError(f"{path}: {split}.{label_key} has shape {labels.shape}, expected [N]")
+        raise DataError(f"{where} has shape {labels.shape}, expected [N]")
     n = labels.shape[0]
     if task == "classification":
-        as_float = to_float_array(labels, f"{path}: {split}.{label_key}")
-        if not np.all(np.isfinite(as_float)) or np.any(as_float != np.round(as_float)):
-            raise DataError(f"{path}: {split}.{label_key} must hold integer class indices")
-        labels = as_float.astype(np.int64)
-    else:
-        labels = to_float_array(labels, f"{path}: {split}.{label_key}")
+        if not np.all(np.isfinite(labels)) or np.any(labels != np.round(labels)):
+            raise DataError(f"{where} must hold integer class indices")
+        labels = labels.astype(np.int64)
 
     features = sequence_features(raw, f"{path}: {split}", n, f"{split}.{label_key}")
 
-    lengths: dict[str, np.ndarray] = {}
+    # padding units: text with the modalities that share its frames (aligned files), the others
     steps_t = features["text"].shape[1]
+    followers = [m for m in ("audio", "vision")
+                 if f"{m}_lengths" not in raw and features[m].shape[1] == steps_t]
+    text_unit = ("text", *followers)
     if "text_bert" in raw:
         bert = np.asarray(raw["text_bert"])
         if bert.ndim != 3 or bert.shape[0] != n or bert.shape[1] != 3 or bert.shape[2] != steps_t:
             raise DataError(
                 f"{path}: {split}.text_bert has shape {bert.shape}, expected [{n}, 3, {steps_t}]"
             )
-        mask = to_float_array(bert[:, 1, :], f"{path}: {split}.text_bert")
-        lengths["text"] = _clip_lengths(mask.sum(axis=1), steps_t, f"{path}: {split}.text")
+        mask = to_float_array(bert[:, 1, :], f"{path}: {split}.text_bert") > 0
+        stored = _clip_lengths(mask.sum(axis=1), steps_t, f"{path}: {split}.text")
+        text = Sequences([features[m] for m in text_unit], mask, stored)
     else:
-        lengths["text"] = lengths_from_padding(features["text"])
+        aligned = [features[m] for m in text_unit]
+        text = Sequences(aligned, real_frames(*aligned))
+    units = {"+".join(text_unit): (text_unit, text)}
     for m in ("audio", "vision"):
+        if m in followers:
+            continue
         key, steps = f"{m}_lengths", features[m].shape[1]
+        stored = None
         if key in raw:
             stored = to_float_array(raw[key], f"{path}: {split}.{key}").reshape(-1)
             if stored.shape[0] != n:
                 raise DataError(
                     f"{path}: {split}.{key} has {stored.shape[0]} entries, expected {n}"
                 )
-            lengths[m] = _clip_lengths(stored, steps, f"{path}: {split}.{m}")
-        elif steps == steps_t:
-            lengths[m] = lengths["text"].copy()
-        else:
-            lengths[m] = lengths_from_padding(features[m])
+            stored = _clip_lengths(stored, steps, f"{path}: {split}.{m}")
+        units[m] = ((m,), Sequences([features[m]], real_frames(features[m]), stored))
 
     ids = (
         _strings(raw["id"], n, f"{path}: {split}.id")
@@ -203,14 +196,19 @@ def _read_split(raw: Any, path: Path, split: str, task: str) -> tuple[SplitArray
         else [f"{split}_{i}" for i in range(n)]
     )
     texts = _strings(raw["raw_text"], n, f"{path}: {split}.raw_text") if "raw_text" in raw else None
-    arrays = SplitArrays(features=features, lengths=lengths, labels=labels, ids=ids, texts=texts)
-    return arrays, any(key in raw for key in SIMS_KEYS)
+    arrays = SplitArrays(features=features, lengths={}, labels=labels, ids=ids, texts=texts)
+    return _Split(arrays, units, any(key in raw for key in SIMS_KEYS))
 
 
-def read_mmsa(path: str | os.PathLike, name: str | None = None) -> MultimodalData:
+def read_mmsa(
+    path: str | os.PathLike, name: str | None = None, padding: str = "auto"
+) -> MultimodalData:
     """Read an MMSA pickle into validated `MultimodalData` (see the module docstring).
 
     name: dataset name; default the "msakit" metadata's name, else the file stem.
+    padding: "auto" (find the padding side in the data), "start" or "end" (see
+    `msakit.data.padding`); start-padded sequences are stored with their real frames first and
+    the side found is one of the notes.
     CH-SIMS files (with regression_labels_T/A/V) get metric_family "sims" and label_range
     (-1, 1); others "mosi" and (-3, 3). Raises DataError naming file, split and key.
     """
@@ -225,13 +223,17 @@ def read_mmsa(path: str | os.PathLike, name: str | None = None) -> MultimodalDat
     if task not in ("regression", "classification"):
         raise DataError(f"{path}: {META_KEY}.task must be 'regression' or 'classification'")
 
-    splits: dict[str, SplitArrays] = {}
-    sims = False
+    parts: dict[str, _Split] = {}
     for split in SPLITS:
         if split not in data:
             raise DataError(f"{path}: split {split!r} is missing (found: {sorted(map(str, data))})")
-        splits[split], has_unimodal = _read_split(data[split], path, split, task)
-        sims = sims or has_unimodal
+        parts[split] = _read_split(data[split], path, split, task)
+    splits = {split: part.arrays for split, part in parts.items()}
+    units = {split: part.units for split, part in parts.items()}
+    notes = [normalise_padding(splits, units, padding, str(path))]
+    clips = {split: [mmsa_video(i) for i in arrays.ids] for split, arrays in splits.items()}
+    notes.append(group_by_video(splits, clips, "MMSA ids 'video$_$clip'"))
+    sims = any(part.sims for part in parts.values())
 
     train = splits["train"]
     feature_dims = {m: int(train.features[m].shape[2]) for m in MODALITIES}
@@ -259,7 +261,7 @@ def read_mmsa(path: str | os.PathLike, name: str | None = None) -> MultimodalDat
             metric_family="sims" if sims else "mosi",
             label_range=(-1.0, 1.0) if sims else (-3.0, 3.0),
         )
-    notes = [str(note) for note in meta.get("notes", [])]
+    notes += [str(note) for note in meta.get("notes", [])]
     return validate(MultimodalData(info=info, splits=splits, source=str(path), notes=notes))
 
 
@@ -309,6 +311,12 @@ def write_mmsa(
     return save_pickle(data, path)
 
 
+def mmsa_video(sample_id: str) -> tuple[str, str] | None:
+    """(video, clip) of an MMSA id "video$_$clip"; None when the id has no separator."""
+    video, sep, clip = sample_id.rpartition(VIDEO_SEPARATOR)
+    return (video, clip) if sep and video else None
+
+
 @register_dataset("mmsa")
 def load_mmsa(cfg: DataConfig) -> MultimodalData:
     """MMSA feature pickle (aligned_50.pkl / unaligned_50.pkl; MOSI, MOSEI, CH-SIMS): data_path."""
@@ -317,4 +325,4 @@ def load_mmsa(cfg: DataConfig) -> MultimodalData:
             "mmsa: data.data_path is not set; point it at an MMSA pickle "
             "(e.g. data.data_path=/data/MOSI/aligned_50.pkl)"
         )
-    return read_mmsa(cfg.data_path)
+    return read_mmsa(cfg.data_path, padding=cfg.padding)

@@ -66,7 +66,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 GENERATOR = "msakit.synthetic"
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 """Bump when the generator's output changes for a fixed config, so cached files are rebuilt."""
 _SPLITS = ("train", "valid", "test")
 _MODALITIES = ("text", "audio", "vision")
@@ -318,7 +318,8 @@ def generate_synthetic(cfg: SyntheticConfig, seed: int) -> dict[str, Any]:
         z, rng = latents[split], streams[f"render_{split}"]
         n = cfg.size(split)
         record: dict[str, Any] = {
-            "id": np.array([f"synthetic_{split}_{i:05d}" for i in range(n)], dtype=object),
+            # MMSA ids "video$_$clip": the samples are independent, each its own one-clip video
+            "id": np.array([f"synthetic_{split}_{i:05d}$_$0" for i in range(n)], dtype=object),
             "raw_text": np.array([f"synthetic {split} sample {i}" for i in range(n)], dtype=object),
         }
         for m in _MODALITIES:

@@ -14,7 +14,8 @@ Shapes (U_v utterances of video v; the batch holds whole videos, `Batch.group` s
     -> ContextLSTM (BiLSTM(hidden) over the video -> Linear -> ReLU) [B, fusion_out]
     -> dropout -> Linear -> [B, output_dim]: one prediction per utterance.
 Each video is packed separately: a video's predictions never depend on the other videos in the
-batch nor on padding. Without `Batch.group` every utterance is a video of its own.
+batch nor on padding. Without `Batch.group` every utterance is a video of its own (the trainer's
+`to_loader` refuses data that do not say which clips form a video).
 
 Deviations:
 - trained end to end in one stage: the release first trains each unimodal bc-LSTM with its own

@@ -41,7 +41,8 @@ class LFDNNConfig:
     """Dropout on the concatenated modality vectors."""
     context: bool = False
     """Put a bidirectional LSTM over each video's utterances (ContextLSTM) before the head; the
-    model then trains on whole videos (needs data whose loader knows the videos, e.g. mosi-poria)."""
+    model then trains on whole videos (needs data whose loader knows the videos: mosi-poria, MMSA
+    ids "video$_$clip", MulT ids [video, clip, ...]; other data are refused)."""
     context_hidden: int = 64
     """Hidden size of the context BiLSTM (used only with `context`)."""
 
