@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -293,3 +294,153 @@ def test_shipped_bc_lstm_mmsa_config_runs_with_video_context(tmp_path):
     assert main(argv) == 0
     results = json.loads((out / "results.json").read_text())
     assert any(note.startswith("video context: 9 videos") for note in results["notes"])
+
+
+# ----------------------------------------------------------------------------- 4. selection
+
+
+def write_flat(path, valid_labels=None, mutate=None):
+    """A small MMSA file (end-padded, video ids); valid_labels replaces the validation labels,
+    mutate(splits) edits the raw split dicts before writing."""
+    rng = np.random.default_rng(4)
+    splits = {}
+    for split, n in SIZES.items():
+        record = {m: rng.normal(size=(n, 3, DIMS[m])).astype(np.float32) for m in MODALITIES}
+        record["id"] = np.array([f"{split}v{i}$_$0" for i in range(n)], dtype=object)
+        record["regression_labels"] = rng.uniform(-3, 3, size=n).astype(np.float32)
+        splits[split] = record
+    if valid_labels is not None:
+        splits["valid"]["regression_labels"] = np.full(SIZES["valid"], valid_labels, np.float32)
+    if mutate is not None:
+        mutate(splits)
+    return write_mmsa(path, splits)
+
+
+def run_cli(tmp_path, capsys, *extra, path=None) -> tuple[int, list[str]]:
+    path = path or write_flat(tmp_path / "data.pkl")
+    code = main(["train", "--dataset", "mmsa", "--data-path", str(path), "--epochs", "2", "--quiet",
+                 "--out", str(tmp_path / "run"), *extra])
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.parametrize("metric, labels", [("corr", 1.5), ("non0_acc2", 0.0)])
+def test_a_selection_metric_never_defined_is_an_error(tmp_path, capsys, metric, labels):
+    """corr with constant validation labels, Non0 with all-zero ones: NaN at every epoch. Before,
+    the INITIAL weights were restored and reported as selected on validation."""
+    path = write_flat(tmp_path / "data.pkl", valid_labels=labels)
+    code, err = run_cli(tmp_path, capsys, "--set", f"train.select_metric={metric}", path=path)
+    assert code == 2 and len(err) == 1
+    assert f"validation {metric} was undefined (NaN) at every epoch" in err[0]
+    assert "train.select_metric" in err[0]
+    assert not (tmp_path / "run" / "results.json").exists()
+    assert not (tmp_path / "run" / "seed_1" / "best.pt").exists()
+    code, _ = run_cli(tmp_path, capsys, "--set", "train.select_metric=loss", path=path)
+    assert code == 0  # the same data with a defined metric trains
+
+
+# ----------------------------------------------------------------------------- 5. wrong labels
+
+
+def _complex_labels(splits):
+    splits["train"]["regression_labels"] = splits["train"]["regression_labels"] + 0.5j
+
+
+def _repeated_clip(splits):
+    splits["test"]["id"][3] = splits["test"]["id"][0]  # same clip, another label
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (_complex_labels, r"data\.pkl: train\.regression_labels: complex values; expected real numbers"),
+    (_repeated_clip, r"data\.pkl: test: clip 'testv0\$_\$0' appears twice with "
+                     r"different labels"),
+])
+def test_wrong_mmsa_labels_are_clear_errors(tmp_path, capsys, mutate, message):
+    path = write_flat(tmp_path / "data.pkl", mutate=mutate)
+    code, err = run_cli(tmp_path, capsys, path=path)
+    assert code == 2 and len(err) == 1
+    assert re.search(message, err[0]), err[0]
+
+
+def _iemocap(path, labels_of_train):
+    rng = np.random.default_rng(5)
+    splits = {}
+    for split, n in SIZES.items():
+        splits[split] = {m: rng.normal(size=(n, 4, DIMS[m])).astype(np.float32) for m in MODALITIES}
+        splits[split]["labels"] = np.eye(2, dtype=np.float32)[rng.integers(0, 2, size=(n, 4))]
+    labels_of_train(splits["train"]["labels"])
+    return write_mult(path, splits)
+
+
+@pytest.mark.parametrize("edit, shown", [
+    (lambda y: y.__setitem__((2, 1), [np.nan, 1.0]), "sample 2, happy: [nan, 1.0]"),
+    (lambda y: y.__setitem__((4, 3), [0.0, 0.0]), "sample 4, angry: [0.0, 0.0]"),
+    (lambda y: y.__setitem__((0, 0), [1.0, 1.0]), "sample 0, neutral: [1.0, 1.0]"),
+])
+def test_iemocap_labels_that_are_not_one_hot_are_errors(tmp_path, edit, shown):
+    path = _iemocap(tmp_path / "iemocap_data.pkl", edit)
+    with pytest.raises(DataError, match=r"iemocap_data\.pkl: train\.labels: 1 emotion entries are "
+                                         r"not one-hot") as err:
+        read_mult(path)
+    assert shown in str(err.value)
+
+
+def test_complex_mult_labels_are_an_error(tmp_path):
+    data = utterances()
+    path = write_mult_copy(tmp_path / "mosi_data.pkl", data, "end", ALIGNED)
+    raw = {k: dict(v) for k, v in pickle.loads(path.read_bytes()).items()}
+    raw["valid"]["labels"] = raw["valid"]["labels"].astype(np.complex64)
+    write_mult(path, raw)
+    with pytest.raises(DataError, match=r"mosi_data\.pkl: valid\.labels: complex values"):
+        read_mult(path)
+
+
+def write_poria(root, labels: list[tuple[str, str]]):
+    """A tiny mosi-poria folder: 4 training and 2 test videos of 2 clips; label.csv rows
+    (clip id, label text) as given."""
+    folder = root / "mosi-poria"
+    (folder / "audio").mkdir(parents=True)
+    (folder / "video").mkdir()
+    clips = [f"v{v}_{c}" for v in range(6) for c in (1, 2)]
+    (folder / "transcripts.csv").write_text("".join(f"{c},words of {c},0,1\n" for c in clips))
+    for split, rows in (("train", range(8)), ("test", range(8, 12))):
+        rng = np.random.default_rng(len(rows))
+        (folder / f"text_{split}.csv").write_text(
+            "".join(f"{r}.0," + ",".join(f"{x:.3f}" for x in rng.normal(size=3)) + "\n" for r in rows))
+        for kind in ("audio", "video"):
+            (folder / kind / f"{kind}_{split}0.csv").write_text(
+                "".join(",".join(f"{x:.3f}" for x in rng.normal(size=3)) + ",1\n" for _ in rows))
+    (root / "mosi-labels").mkdir()
+    (root / "mosi-labels" / "label.csv").write_text(
+        "id,text,label,mode\n" + "".join(f"{c},t,{y},train\n" for c, y in labels))
+    return root
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([("v0_1", "2.5")], r"label\.csv: clip v0_1 is listed twice with different labels \(1 and "
+                         r"2\.5; second on line 14\)"),
+    ([("v0_1", "(1+2j)")], r"label\.csv: line 14 \(clip v0_1\): label '\(1\+2j\)' is not a real "
+                           r"number"),
+])
+def test_wrong_poria_label_files_are_clear_errors(tmp_path, capsys, extra, message):
+    from msakit.data.mosi_poria import read_mosi_poria
+
+    good = [(f"v{v}_{c}", "1") for v in range(6) for c in (1, 2)]
+    assert len(read_mosi_poria(write_poria(tmp_path / "ok", good)).splits["test"]) == 4
+    root = write_poria(tmp_path / "bad", good + extra)
+    argv = ["train", "--dataset", "mosi-poria", "--data-root", str(root), "--epochs", "1",
+            "--quiet", "--out", str(tmp_path / "run")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(message, err[0]), err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--seeds", "1", "1"], "train.seeds names seed 1 twice; each seed runs once"),
+    (["--seeds", "3", "1", "3", "1"], "train.seeds names seed 1 twice"),
+    (["--set", "train.patience=-1"], "train.patience must be >= 1, got -1"),
+    (["--set", "train.patience=0"], "train.patience must be >= 1, got 0"),
+])
+def test_bad_run_settings_are_clear_errors(tmp_path, capsys, argv, message):
+    code, err = run_cli(tmp_path, capsys, *argv)
+    assert code == 2 and len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "run").exists()

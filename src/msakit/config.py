@@ -102,6 +102,11 @@ class TrainConfig:
             raise ConfigError("train.select_mode must be 'min' or 'max'")
         if not self.seeds:
             raise ConfigError("train.seeds must name at least one seed")
+        repeated = sorted({s for s in self.seeds if self.seeds.count(s) > 1})
+        if repeated:
+            raise ConfigError(f"train.seeds names seed {repeated[0]} twice; each seed runs once")
+        if self.patience < 1:
+            raise ConfigError(f"train.patience must be >= 1, got {self.patience}")
 
 
 @dataclass

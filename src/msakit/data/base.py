@@ -143,7 +143,8 @@ def sanitize_features(array: np.ndarray, where: str) -> np.ndarray:
 
 
 def validate(data: MultimodalData) -> MultimodalData:
-    """Check shapes, lengths and labels of every split; raise DataError naming what is wrong."""
+    """Check shapes, lengths and labels of every split (and that no clip id comes twice in a
+    split with different labels); raise DataError naming what is wrong."""
     info = data.info
     src = data.source or info.name
     for split in SPLITS:
@@ -180,9 +181,25 @@ def validate(data: MultimodalData) -> MultimodalData:
             top = info.num_classes
             if labels.min() < 0 or labels.max() >= top:
                 raise DataError(f"{where} must be class indices in [0, {top})")
+    _check_repeated_ids(data, src)
     data.info = dataclasses.replace(info, train_size=len(data.splits["train"]))
     data.validated = True
     return data
+
+
+def _check_repeated_ids(data: MultimodalData, src: str) -> None:
+    """The same clip id twice in one split with different labels is a DataError (ids are only
+    compared within a split: some sources number their samples per split)."""
+    for split in SPLITS:
+        seen: dict[str, object] = {}
+        arrays = data.splits[split]
+        for sample_id, label in zip(arrays.ids, arrays.labels.tolist(), strict=True):
+            first = seen.setdefault(sample_id, label)
+            if first != label:
+                raise DataError(
+                    f"{src}: {split}: clip {sample_id!r} appears twice with different labels "
+                    f"({first} and {label})"
+                )
 
 
 def clip_key(clip: str) -> tuple[int, float, str]:

@@ -16,7 +16,8 @@ What the loader does:
   * 62) videos drawn with split_seed from the sorted video ids, so a video's clips never straddle
   two splits and the carve is the same for every training seed.
 - The continuous label is joined by clip id; clips without one (4 in the shared copy) are dropped
-  with a logged count. The binary label of the audio and video files must equal (label >= 0)
+  with a logged count. A label that is not a real number, or a clip listed twice with different
+  labels, is a DataError naming the line. The binary label of the audio and video files must equal (label >= 0)
   for every kept clip (this checks the row alignment), else DataError.
 - All three modalities are standardised with the mean/std of the (post-carve) train split only;
   features constant in that split (std < 1e-6) are only centred, never divided by a tiny std.
@@ -36,7 +37,14 @@ import pandas as pd
 
 from msakit.batch import MODALITIES
 from msakit.data import register_dataset
-from msakit.data.base import DataError, DatasetInfo, MultimodalData, SplitArrays, validate
+from msakit.data.base import (
+    DataError,
+    DatasetInfo,
+    MultimodalData,
+    SplitArrays,
+    clip_key,
+    validate,
+)
 
 if TYPE_CHECKING:
     from msakit.config import DataConfig
@@ -57,10 +65,10 @@ def video_id(clip_id: str) -> str:
     return clip_id.rsplit("_", 1)[0]
 
 
-def _clip_order(clip_id: str) -> tuple[str, int, str]:
+def _clip_order(clip_id: str) -> tuple:
     """Sort key: video, then clip number ("abc_10" after "abc_9")."""
     video, _, clip = clip_id.rpartition("_")
-    return (video, int(clip), "") if clip.isdigit() else (video, -1, clip)
+    return (video, *clip_key(clip))
 
 
 def _read_csv(path: Path, **kwargs) -> pd.DataFrame:
@@ -80,6 +88,24 @@ def _numeric(frame: pd.DataFrame, path: Path) -> np.ndarray:
     if not np.all(np.isfinite(values)):
         raise DataError(f"{path}: contains NaN/inf or empty cells")
     return values
+
+
+def _continuous_labels(table: pd.DataFrame, path: Path) -> dict[str, float]:
+    """clip id -> label from label.csv. A label that is not a real number (complex, text, empty)
+    or a clip listed twice with different labels raises DataError naming the file, row and clip."""
+    ids = table["id"].astype(str).tolist()
+    values = pd.to_numeric(table["label"], errors="coerce").to_numpy(dtype=np.float64)
+    bad = np.flatnonzero(~np.isfinite(values))
+    if len(bad):
+        k = bad[0]
+        raise DataError(f"{path}: line {k + 2} (clip {ids[k]}): label {table['label'].iloc[k]!r} "
+                        f"is not a real number ({len(bad)} such rows)")
+    labels: dict[str, float] = {}
+    for row, (clip, value) in enumerate(zip(ids, values, strict=True)):
+        if labels.setdefault(clip, value) != value:
+            raise DataError(f"{path}: clip {clip} is listed twice with different labels "
+                            f"({labels[clip]:g} and {value:g}; second on line {row + 2})")
+    return labels
 
 
 def _read_poria_split(folder: Path, split: str, clip_ids: np.ndarray) -> dict:
@@ -156,7 +182,7 @@ def read_mosi_poria(
     table = _read_csv(labels_path)
     if not {"id", "label"} <= set(table.columns):
         raise DataError(f"{labels_path}: needs columns id and label (found {list(table.columns)})")
-    continuous = dict(zip(table["id"].astype(str), table["label"].astype(float), strict=True))
+    continuous = _continuous_labels(table, labels_path)
 
     parts = {split: _read_poria_split(folder, split, clip_ids) for split in ("train", "test")}
 

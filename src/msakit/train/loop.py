@@ -352,6 +352,11 @@ def fit(
             board.flush()
         stopped = record["stopped"]
 
+    if best_epoch < 1:  # never defined: best_state would be the INITIAL weights
+        raise TrainingError(
+            f"seed {seed}: validation {metric} was undefined (NaN) at every epoch, so no checkpoint "
+            "can be selected (corr needs non-constant predictions and labels, non0_* a non-zero "
+            "label); choose another train.select_metric, e.g. loss or mae")
     model.load_state_dict(best_state)
     save_checkpoint(checkpoint_state(cfg, info, seed, model=best_state, best_epoch=best_epoch,
                                      data_fingerprint=fingerprint), run_dir / "best.pt")
