@@ -316,10 +316,10 @@ def write_flat(path, valid_labels=None, mutate=None):
     return write_mmsa(path, splits)
 
 
-def run_cli(tmp_path, capsys, *extra, path=None) -> tuple[int, list[str]]:
+def run_cli(tmp_path, capsys, *extra, path=None, out="run") -> tuple[int, list[str]]:
     path = path or write_flat(tmp_path / "data.pkl")
     code = main(["train", "--dataset", "mmsa", "--data-path", str(path), "--epochs", "2", "--quiet",
-                 "--out", str(tmp_path / "run"), *extra])
+                 "--out", str(tmp_path / out), *extra])
     return code, capsys.readouterr().err.strip().splitlines()
 
 
@@ -334,7 +334,7 @@ def test_a_selection_metric_never_defined_is_an_error(tmp_path, capsys, metric, 
     assert "train.select_metric" in err[0]
     assert not (tmp_path / "run" / "results.json").exists()
     assert not (tmp_path / "run" / "seed_1" / "best.pt").exists()
-    code, _ = run_cli(tmp_path, capsys, "--set", "train.select_metric=loss", path=path)
+    code, _ = run_cli(tmp_path, capsys, "--set", "train.select_metric=loss", path=path, out="loss")
     assert code == 0  # the same data with a defined metric trains
 
 
