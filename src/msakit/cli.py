@@ -164,9 +164,9 @@ def cmd_personality(args: argparse.Namespace) -> int:
         baseline = meta["valid_mse_of_train_mean"]
         print(f"baseline: predicting the training rows' mean traits gives valid_mse {baseline:.4f}")
         if meta["valid_mse"] >= baseline:
-            log.warning("the head (valid_mse %.4f) does not beat predicting the mean (%.4f): its "
-                        "personality features carry no trait information here; fit on more rows "
-                        "or use another encoder", meta["valid_mse"], baseline)
+            log.warning("the head (valid_mse %.4f) does not beat predicting the mean (%.4f): it has "
+                        "learnt nothing usable about the traits; fit it on more rows or with another "
+                        "encoder before using it", meta["valid_mse"], baseline)
     print(f"wrote {Path(args.out)}; use it with --set model.personality_encoder={args.out}")
     return 0
 
