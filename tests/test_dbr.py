@@ -264,3 +264,150 @@ def test_end_to_end_two_epochs_logs_the_rebalancing(tmp_path):
             assert key in record, key
         assert record["beta_text"] <= CAP
         assert record["alpha_shared"] + record["alpha_private"] == pytest.approx(1.0, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- mechanisms (issue 10)
+
+
+def capture(module, store: dict, key: str):
+    return module.register_forward_hook(lambda mod, args, out: store.__setitem__(key, (args, out)))
+
+
+def test_mech_borrowing_attends_to_the_other_modalities_anchors_only():
+    model, data = build()
+    seen = {}
+    hooks = [capture(model.agpr.borrow[m], seen, m) for m in MODALITIES]
+    model(first_batch(data))
+    for h in hooks:
+        h.remove()
+    for m in MODALITIES:
+        (query, keys, values, _), _ = seen[m]
+        others = torch.cat([model.agpr.anchors[n] for n in MODALITIES if n != m])  # [2K, D]
+        torch.testing.assert_close(keys[0], others)
+        torch.testing.assert_close(values[0], others)
+
+
+def test_mech_agpr_mixes_routed_and_borrowed_by_the_gate_read_from_own_private_tokens():
+    model, data = build()
+    agpr = model.agpr
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for gate in agpr.borrow_gate.values():
+            gate.weight.normal_()
+            gate.bias.normal_()
+    private = {m: torch.rand(4, 5, 8) for m in MODALITIES}
+    masks = {m: torch.arange(5)[None] < torch.tensor([[5], [3], [1], [4]]) for m in MODALITIES}
+    h_p, beta = agpr(private, masks)
+    for i, m in enumerate(MODALITIES):
+        p, anchors = private[m], agpr.anchors[m]
+        pooled = (p * masks[m][..., None]).sum(1) / masks[m].sum(1, keepdim=True)
+        b = 0.3 * torch.sigmoid(agpr.borrow_gate[m](pooled))  # [B, 1], from m's own tokens
+        torch.testing.assert_close(beta[:, i : i + 1], b)
+        cos = torch.nn.functional.normalize(p, dim=-1) @ torch.nn.functional.normalize(anchors, dim=-1).t()
+        own = torch.softmax(cos / 0.1, dim=-1) @ anchors + p
+        others = torch.cat([agpr.anchors[n] for n in MODALITIES if n != m]).expand(4, -1, -1)
+        borrowed = agpr.borrow[m](p, others, others, torch.ones(4, others.shape[1], dtype=torch.bool))
+        mixed = (1 - b[..., None]) * own + b[..., None] * borrowed
+        expected = (mixed * masks[m][..., None]).sum(1) / masks[m].sum(1, keepdim=True)
+        torch.testing.assert_close(h_p[:, i], expected)
+    # another modality's tokens do not move this modality's gate
+    changed = dict(private, audio=torch.rand(4, 5, 8))
+    _, beta2 = agpr(changed, masks)
+    torch.testing.assert_close(beta2[:, [0, 2]], beta[:, [0, 2]])
+    assert not torch.allclose(beta2[:, 1], beta[:, 1])
+
+
+def test_mech_every_loss_reads_the_right_state():
+    """Recompute each named term by hand from the captured intermediate states."""
+    from msakit.losses import cmd, orthogonality_loss, task_loss
+
+    model, data = build()
+    model.eval()
+    batch = first_batch(data)
+    seen = {}
+    hooks = [capture(model.tsf, seen, "tsf"), capture(model.agpr, seen, "agpr"), capture(model.brf, seen, "brf"),
+             capture(model.brf.shared_reads_private, seen, "s"), capture(model.brf.private_reads_shared, seen, "p")]
+    with torch.no_grad():
+        out = model(batch)
+        x, masks = model.encode(batch)
+    for h in hooks:
+        h.remove()
+    cfg = model.cfg
+
+    def mean(v, m):
+        return (v * m[..., None]).sum(1) / m.sum(1, keepdim=True)
+
+    with torch.no_grad():
+        s = {m: mean(model.shared(x[m]), masks[m]) for m in MODALITIES}
+        p = {m: mean(model.private[m](x[m]), masks[m]) for m in MODALITIES}
+        u = {m: mean(x[m], masks[m]) for m in MODALITIES}
+        pairs = [("text", "audio"), ("text", "vision"), ("audio", "vision")]
+        expected = {
+            "cmd": cfg.sim_weight * sum(cmd(s[a], s[b], cfg.cmd_moments) for a, b in pairs) / 3,
+            "diff": cfg.diff_weight * (sum(orthogonality_loss(p[m], s[m]) for m in MODALITIES)
+                                       + sum(orthogonality_loss(p[a], p[b]) for a, b in pairs)),
+            "recon": cfg.recon_weight * sum(
+                torch.nn.functional.mse_loss(model.recon[m](s[m] + p[m]), u[m]) for m in MODALITIES) / 3,
+        }
+        _, (h_s, z_tmp, z_str, g) = seen["tsf"]
+        torch.testing.assert_close(h_s, g * z_tmp + (1 - g) * z_str)
+        expected["hsic"] = cfg.hsic_weight * sum(rbf_hsic(z_tmp[:, i], z_str[:, i]) for i in range(3)) / 3
+        _, (h_p, _) = seen["agpr"]
+        expected["leak"] = cfg.leak_weight * sum(orthogonality_loss(h_p[:, i], h_s[:, i]) for i in range(3))
+        expected["unimodal"] = cfg.unimodal_weight * sum(
+            task_loss(model.unimodal_heads[m](h_p[:, i]).squeeze(-1), batch.labels, data.info)
+            for i, m in enumerate(MODALITIES)) / 3
+        (brf_in, (fused, alpha)) = seen["brf"]
+        torch.testing.assert_close(brf_in[0], h_s)
+        torch.testing.assert_close(brf_in[1], h_p)
+        s_vec, p_vec = seen["s"][1].mean(1), seen["p"][1].mean(1)
+        torch.testing.assert_close(fused, alpha[:, :1] * s_vec + alpha[:, 1:] * p_vec)
+        expected["balance"] = cfg.balance_weight * balance_kl(alpha)
+        torch.testing.assert_close(out.prediction, model.head(fused).squeeze(-1))
+    for name, value in expected.items():
+        torch.testing.assert_close(out.losses[name], value, msg=name)
+
+
+def test_mech_balance_and_anchor_orthogonality_formulas():
+    alpha = torch.tensor([[0.8, 0.2], [0.6, 0.4]])  # mean (0.7, 0.3)
+    want = 0.7 * torch.log(torch.tensor(1.4)) + 0.3 * torch.log(torch.tensor(0.6))
+    torch.testing.assert_close(balance_kl(alpha), want)
+    model, _ = build()
+    with torch.no_grad():
+        for m in MODALITIES:
+            model.agpr.anchors[m].copy_(2.0 * torch.eye(3, 8))  # orthogonal rows, any norm
+    assert float(model.agpr.anchor_orthogonality()) == pytest.approx(0.0, abs=1e-7)
+    with torch.no_grad():
+        model.agpr.anchors["text"].copy_(torch.ones(3, 8))  # all rows equal: off-diagonal 1
+    assert float(model.agpr.anchor_orthogonality()) == pytest.approx(6 / 9 / 3, rel=1e-5)
+
+
+@pytest.mark.parametrize("term", sorted(ALL_TERMS - {"task"}))
+def test_mech_each_loss_term_falls_when_optimised_alone(term):
+    model, data = build()
+    batch = first_batch(data, 16)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    values = []
+    for _ in range(15):
+        value = model(batch).losses[term]
+        values.append(float(value))
+        optimizer.zero_grad()
+        value.backward()
+        optimizer.step()
+    assert values[-1] < values[0], values
+
+
+@pytest.mark.parametrize("switch,module", [("use_tsf", "tsf"), ("use_agpr", "agpr"), ("use_brf", "brf"),
+                                            ("use_borrowing", "borrow")])
+def test_mech_each_switch_changes_the_output(switch, module):
+    full, data = build()
+    model, _ = build(**{switch: False})
+    own = model.state_dict()
+    model.load_state_dict({k: v for k, v in full.state_dict().items() if k in own and own[k].shape == v.shape},
+                          strict=False)
+    full.eval(), model.eval()
+    batch = first_batch(data)
+    with torch.no_grad():
+        assert not torch.allclose(full(batch).prediction, model(batch).prediction)
+    names = {n for n, _ in model.named_parameters()}
+    assert not any(f".{module}." in f".{n}" or f".{module}_gate." in f".{n}" for n in names)
