@@ -421,3 +421,99 @@ def test_shipped_configs_load_and_name_their_command(path):
     assert first.startswith("# msakit train --config configs/mmcl/")
     cfg = build_config(load_yaml(path))
     assert cfg.model_name == "mmcl" and isinstance(cfg.model, MMCLConfig)
+
+
+# ----------------------------------------------------------------------------- mechanisms (issue 10)
+
+
+def test_mech_ddpg_update_targets_actor_loss_and_soft_updates_by_hand():
+    """critic: 13 L1(Q(s,a), r + 0.5 Q'(s', pi'(s'))); actor: -13 mean Q(s, pi(s)) with the
+    stepped critic; targets: (1 - tau) target + tau online, after the steps."""
+    import copy
+
+    torch.manual_seed(0)
+    data = make_data("regression")
+    model = MMCL(tiny(dropout=0.0), data.info).train()
+    optimizers = model.configure_optimizers(TrainConfig(lr=1e-2))
+    n, t, d = 6, model.cfg.replay_steps, model.cfg.hidden
+    s, s_next = torch.randn(n, 3, t, d), torch.randn(n, 3, t, d)
+    a, r = torch.rand(n, 3, t), torch.rand(n)
+    model.replay.push(s, a, r, s_next)
+    with torch.no_grad():
+        target = r + 0.5 * model.critic_target(s_next, model.actor_target(s_next))
+        critic_loss = 13 * (model.critic(s, a) - target).abs().mean()
+    critic_target_before, actor_target_before = snapshot(model.critic_target), snapshot(model.actor_target)
+    policy_before = copy.deepcopy(model.actor.policy)
+    losses = model._update_critic_and_actor(n, optimizers, TrainConfig(lr=1e-2, grad_clip=0.0))
+    torch.testing.assert_close(losses["critic"], critic_loss)
+    with torch.no_grad():
+        actor_loss = -13 * model.critic(s, policy_before(s)).mean()
+    torch.testing.assert_close(losses["actor"], actor_loss)
+    for old, new, online in zip(critic_target_before, model.critic_target.parameters(),
+                                model.critic.parameters(), strict=True):
+        torch.testing.assert_close(new, 0.99 * old + 0.01 * online)
+    for old, new, online in zip(actor_target_before, model.actor_target.parameters(),
+                                model.actor.policy.parameters(), strict=True):
+        torch.testing.assert_close(new, 0.99 * old + 0.01 * online)
+    assert changed(model.actor.policy, snapshot(policy_before))
+
+
+def test_mech_actor_update_raises_q_and_critic_update_lowers_its_loss():
+    torch.manual_seed(1)
+    data = make_data("regression")
+    model = MMCL(tiny(dropout=0.0), data.info).train()
+    optimizers = model.configure_optimizers(TrainConfig(lr=3e-3))
+    n, t, d = 8, model.cfg.replay_steps, model.cfg.hidden
+    s, s_next, a, r = torch.randn(n, 3, t, d), torch.randn(n, 3, t, d), torch.rand(n, 3, t), torch.rand(n)
+    model.replay.push(s, a, r, s_next)
+    first = model._update_critic_and_actor(n, optimizers, TrainConfig(lr=3e-3))
+    for _ in range(25):
+        last = model._update_critic_and_actor(n, optimizers, TrainConfig(lr=3e-3))
+    assert last["critic"] < first["critic"]
+    assert last["actor"] < first["actor"]  # -13 Q falls: the policy's Q rises
+
+
+def test_mech_rewards_by_hand():
+    data = make_data("regression")
+    model = MMCL(tiny(), data.info)
+    seq = type("Seq", (), {"per_utterance": False})()
+    r = model.reward(torch.tensor([0.5, -1.0, 2.0]), torch.tensor([0.0, -1.0, -1.0]), seq)
+    torch.testing.assert_close(r, torch.exp(-torch.tensor([0.5, 0.0, 3.0])))
+    model = MMCL(tiny(), make_data("classification").info)
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 3.0]])
+    r = model.reward(logits, torch.tensor([1, 2]), seq)
+    torch.testing.assert_close(r, torch.stack([logits[0].softmax(-1)[1], logits[1].softmax(-1)[2]]))
+    model = MMCL(tiny(), make_data("multi_binary").info)
+    logits = torch.tensor([[[0.0, 1.0], [2.0, 0.0], [0.0, 0.0], [1.0, 3.0]]])  # [1, 4 tasks, 2]
+    r = model.reward(logits, torch.tensor([[1, 1, 0, 0]]), seq)
+    p = logits.softmax(-1)[0]
+    torch.testing.assert_close(r, (p[0, 1] + p[1, 1] + p[2, 0] + p[3, 0])[None])
+
+
+def test_mech_specific_part_reads_one_minus_the_common_attention():
+    torch.manual_seed(0)
+    x, mask = torch.randn(2, 3, 5, 4), lengths_mask([5, 3], 5)
+    common, specific, a, a_specific = decouple(x, mask)
+    logits = (1.0 - a).masked_fill(~mask[:, None, None, :], float("-inf"))
+    want = torch.softmax(logits, dim=-1) * mask[:, None, :, None]
+    torch.testing.assert_close(a_specific, want)
+    torch.testing.assert_close(specific, a_specific @ x)
+    torch.testing.assert_close(common, a @ x)
+
+
+def test_mech_training_step_gates_the_specific_part_with_the_policy():
+    """Closing the policy's gates (a = 0) removes the specific part from the training prediction."""
+    torch.manual_seed(0)
+    data = make_data("regression")
+    model = MMCL(tiny(dropout=0.0), data.info).train()
+    batch = batches(data)[0]
+    optimizers = model.configure_optimizers(TrainConfig(lr=1e-9))
+    with torch.no_grad():
+        for head in model.actor.policy.heads:
+            head.weight.zero_()
+            head.bias.fill_(-1e4)  # every gate shut
+    seen = []
+    hook = model.actor.temporal[0].register_forward_hook(lambda mod, args, out: seen.append(args[0]))
+    model.training_step(batch, optimizers, TrainConfig(lr=1e-9))
+    hook.remove()
+    assert seen and float(seen[0].abs().max()) == 0.0
