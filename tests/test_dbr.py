@@ -376,10 +376,10 @@ def test_mech_balance_and_anchor_orthogonality_formulas():
     with torch.no_grad():
         for m in MODALITIES:
             model.agpr.anchors[m].copy_(2.0 * torch.eye(3, 8))  # orthogonal rows, any norm
-    assert float(model.agpr.anchor_orthogonality()) == pytest.approx(0.0, abs=1e-7)
+    assert float(model.agpr.anchor_orthogonality().detach()) == pytest.approx(0.0, abs=1e-7)
     with torch.no_grad():
         model.agpr.anchors["text"].copy_(torch.ones(3, 8))  # all rows equal: off-diagonal 1
-    assert float(model.agpr.anchor_orthogonality()) == pytest.approx(6 / 9 / 3, rel=1e-5)
+    assert float(model.agpr.anchor_orthogonality().detach()) == pytest.approx(6 / 9 / 3, rel=1e-5)
 
 
 @pytest.mark.parametrize("term", sorted(ALL_TERMS - {"task"}))
@@ -390,7 +390,7 @@ def test_mech_each_loss_term_falls_when_optimised_alone(term):
     values = []
     for _ in range(15):
         value = model(batch).losses[term]
-        values.append(float(value))
+        values.append(float(value.detach()))
         optimizer.zero_grad()
         value.backward()
         optimizer.step()

@@ -307,3 +307,81 @@ def test_missing_packaged_model_says_how_to_install(monkeypatch):
                         lambda name, *a: None if name == text_encoder.PACKAGED_MINILM else real(name, *a))
     with pytest.raises(ConfigError, match=r"pip install msakit\[text\]"):
         text_encoder.TextEncoder("minilm")
+
+
+# ----------------------------------------------------------------------------- mechanisms (issue 10)
+
+
+def test_mech_forward_and_every_loss_recomputed_by_hand():
+    """The whole forward, rebuilt from the model's parts: the alignment reads hidden state
+    N+1-3 (10 of 13 for BERT-base), a_tok/v_tok are built from e_a/e_v + P(pe) and appended
+    [v_tok; a_tok] before the LAST layer only, L_clm reads s_cls of layer N-1, L_ccl is weighted
+    by d and L_ps by (1 - d), the fusion reads the final [CLS]."""
+    import torch.nn.functional as F
+
+    from msakit.losses import clip_loss
+
+    model, data = tiny()
+    model.eval()
+    batch = batch_of(data)
+    out = model(batch)
+    te, n = model.text_encoder, model.text_encoder.num_layers
+    assert model.align_index == n + 1 - 3
+    with torch.no_grad():
+        seq_a, e_a = model.audio_encoder(batch.audio, batch.audio_mask)
+        seq_v, e_v = model.vision_encoder(batch.vision, batch.vision_mask)
+        pe = model.personality(batch.texts, batch.audio.device)
+        ids, mask = te.tokenize(batch.texts)
+        text_only = te.run(ids, mask)  # N + 1 states, no injected tokens
+        s_cls = text_only[n - 1][:, 0]
+        bias = model.personality_to_text(pe)
+        a_tok, v_tok = torch.relu(model.audio_token(e_a) + bias), torch.relu(model.vision_token(e_v) + bias)
+        clm = 0.09 * (clip_loss(model.clip_text_audio.x_proj(s_cls), model.clip_text_audio.y_proj(a_tok), 0.07)
+                      + clip_loss(model.clip_text_vision.x_proj(s_cls), model.clip_text_vision.y_proj(v_tok), 0.07))
+        extended = torch.cat([text_only[n - 1], v_tok[:, None], a_tok[:, None]], dim=1)
+        final = te.layer(n - 1, extended, torch.cat([mask, mask.new_ones(mask.shape[0], 2)], dim=1))
+        c = text_only[n + 1 - 3][:, 0]
+        p1, pp = model.sentiment_proj(c), model.personality_proj(pe)
+        d = (1 - F.cosine_similarity(p1, pp, dim=-1).mean()) / 2
+        ccl = clip_loss(model.clip_personality.x_proj(p1), model.clip_personality.y_proj(pp), 0.07) * d
+        ps = 0.1 * (model.ps_head(model.sentiment_proj2(c)).squeeze(-1) - batch.labels).abs().mean() * (1 - d)
+        q = model.query(final[:, 0])
+        t_v = model.attention_vision(q[:, None], seq_v, seq_v, batch.vision_mask)[:, 0]
+        t_a = model.attention_audio(q[:, None], seq_a, seq_a, batch.audio_mask)[:, 0]
+        serial = model.serial_out(model.serial_norm(torch.cat([model.serial_vision(t_v), model.serial_audio(t_a), q], -1)))
+        parallel = model.parallel(torch.stack([t_v, t_a, q], dim=1))[:, 0]
+        prediction = model.head(torch.cat([parallel, serial], dim=-1)).squeeze(-1)
+    torch.testing.assert_close(out.losses["clm"], clm)
+    torch.testing.assert_close(out.losses["ccl"], ccl)
+    torch.testing.assert_close(out.losses["ps"], ps)
+    torch.testing.assert_close(out.logs["align_distance"], float(d))
+    torch.testing.assert_close(out.prediction, prediction)
+    torch.testing.assert_close(out.losses["task"], (prediction - batch.labels).abs().mean())
+
+
+@pytest.mark.parametrize("term", ["task", "ccl", "ps", "clm"])
+def test_mech_each_loss_term_falls_when_optimised_alone(term):
+    model, data = tiny()
+    batch = batch_of(data, size=12)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    values = []
+    for _ in range(12):
+        value = model(batch).losses[term]
+        values.append(float(value.detach()))
+        optimizer.zero_grad()
+        value.backward()
+        optimizer.step()
+    assert values[-1] < values[0], values
+
+
+@pytest.mark.parametrize("switch", sorted(ABLATIONS))
+def test_mech_each_switch_changes_the_output(switch):
+    full, data = tiny()
+    ablated, _ = tiny(**{switch: False})
+    own = ablated.state_dict()
+    ablated.load_state_dict({k: v for k, v in full.state_dict().items() if k in own and own[k].shape == v.shape},
+                            strict=False)
+    full.eval(), ablated.eval()
+    batch = batch_of(data)
+    with torch.no_grad():
+        assert not torch.allclose(full(batch).prediction, ablated(batch).prediction) or switch in ("use_ps_loss", "use_clm_loss")
