@@ -21,12 +21,18 @@ class Evaluation:
 
 
 def load_model_from_checkpoint(path: str | Path, data_overrides: list[str] = ()):
-    """-> (model in eval mode, ExperimentConfig, saved DatasetInfo)."""
+    """-> (model in eval mode, ExperimentConfig, saved DatasetInfo). The checkpoint is checked
+    first (`load_checkpoint`); a data file its config names must exist (nothing is written)."""
     state = load_checkpoint(path)
     try:
         cfg = build_config(state["config"], list(data_overrides))
     except ConfigError as e:
         raise CheckpointError(f"{path}: its config no longer builds ({e})") from e
+    if cfg.data.data_path and not Path(cfg.data.data_path).exists():
+        raise CheckpointError(  # a loader may write a missing data file (synthetic): never here
+            f"{path}: its config names data file {cfg.data.data_path}, which does not exist "
+            "(evaluation only reads data: pass --data-path)"
+        )
     info = DatasetInfo.from_dict(state["info"])
     model = create_model(cfg.model_name, cfg.model, info)
     model.load_state_dict(state["model"])

@@ -154,12 +154,17 @@ def fit_personality_head(
 ) -> dict:
     """Fit a Big-Five head on frozen `encoder` embeddings of the CSV's texts; write head.pt and
     personality.json into `out_dir`; return the metadata (with train/valid MSE)."""
-    if epochs < 1:
-        raise ConfigError("--epochs must be >= 1")
-    if lr <= 0:
-        raise ConfigError("--lr must be > 0")
-    if not 0 <= valid_fraction < 1:
-        raise ConfigError("--valid-fraction must be in [0, 1)")
+    for flag, value, ok, rule in (
+        ("--epochs", epochs, epochs >= 1, ">= 1"),
+        ("--lr", lr, math.isfinite(lr) and lr > 0, "a finite number > 0"),
+        ("--hidden", hidden, hidden >= 0, ">= 0 (0: a linear head)"),
+        ("--batch-size", batch_size, batch_size >= 1, ">= 1"),
+        ("--valid-fraction", valid_fraction, 0 <= valid_fraction < 1, "in [0, 1)"),
+        ("--seed", seed, 0 <= seed < 2**63, "in [0, 2^63)"),
+        ("--max-length", max_length, 3 <= max_length <= 100_000, "in [3, 100000]"),
+    ):
+        if not ok:
+            raise ConfigError(f"{flag} must be {rule}, got {value}")
     if pooling not in ("auto", "cls", "mean"):
         raise ConfigError("--pooling must be auto, cls or mean")
     if is_head_folder(encoder):
@@ -227,20 +232,39 @@ def fit_personality_head(
 
 
 def load_personality_head(folder: str | Path) -> tuple[BigFiveHead, dict]:
-    """(frozen head, metadata) from a folder written by `fit_personality_head`."""
+    """(frozen head, metadata) from a folder written by `fit_personality_head`.
+
+    The head's declared sizes (personality.json) are checked against the stored weights on the
+    meta device before anything is built; a file that does not read with `weights_only=True`,
+    weights of another shape or names, and malformed metadata raise one-line errors."""
+    from msakit.train.checkpoint import check_weights
+
     folder = Path(folder).expanduser()
     try:
-        meta = json.loads((folder / META_FILE).read_text())
+        meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise ConfigError(f"{folder / META_FILE}: not a readable personality head ({e})") from e
-    if meta.get("format") != FORMAT:
-        raise ConfigError(f"{folder / META_FILE}: format {meta.get('format')!r}, expected {FORMAT!r}")
+        raise ConfigError(f"{folder / META_FILE}: not a readable personality head ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else meta
+        raise ConfigError(f"{folder / META_FILE}: format {got!r}, expected {FORMAT!r}")
+    for key, low in (("embedding_dim", 1), ("hidden", 0), ("max_length", 3), ("rows", 0)):
+        if not isinstance(meta.get(key), int) or isinstance(meta.get(key), bool) or meta[key] < low:
+            raise ConfigError(f"{folder / META_FILE}: {key!r} must be an integer >= {low}, got {meta.get(key)!r}")
+    for key in ("encoder", "pooling", "csv"):
+        if not isinstance(meta.get(key), str):
+            raise ConfigError(f"{folder / META_FILE}: {key!r} must be a string")
     try:
         state = torch.load(folder / HEAD_FILE, map_location="cpu", weights_only=True)
-        head = BigFiveHead(int(meta["embedding_dim"]), int(meta["hidden"]))
-        head.load_state_dict(state)
-    except (OSError, RuntimeError, KeyError, ValueError) as e:
-        raise ConfigError(f"{folder / HEAD_FILE}: cannot load the personality head ({e})") from e
+    except MemoryError:
+        raise ConfigError(f"{folder / HEAD_FILE}: cannot load the personality head (out of memory)") from None
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, ... on bad or unsafe files
+        detail = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{folder / HEAD_FILE}: cannot load the personality head ({detail})") from None
+    with torch.device("meta"):
+        expected = BigFiveHead(meta["embedding_dim"], meta["hidden"]).state_dict()
+    check_weights(state, expected, f"{folder / HEAD_FILE}")
+    head = BigFiveHead(meta["embedding_dim"], meta["hidden"])
+    head.load_state_dict(state)
     head.requires_grad_(False)
     return head.eval(), meta
 
