@@ -23,7 +23,7 @@ from msakit.train.runfolder import RunFolderError, resume_tree
 
 log = logging.getLogger("msakit")
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingError, RunFolderError, FileNotFoundError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingError, RunFolderError, OSError, MemoryError)
 
 REGRESSION_KEYS = ["mae", "corr", "acc7", "acc5", "has0_acc2", "has0_f1", "non0_acc2", "non0_f1"]
 
@@ -72,6 +72,14 @@ def _resume_tree(out: Path, tree: dict, model: str | None) -> dict:
     return _merged(saved, tree)
 
 
+def _check_out(path: Path, flag: str, folder: bool) -> None:
+    """Refuse an output path of the wrong kind before any work is done."""
+    if folder and path.exists() and not path.is_dir():
+        raise ConfigError(f"{flag} {path}: exists and is not a folder")
+    if not folder and path.is_dir():
+        raise ConfigError(f"{flag} {path}: is a folder; give a file name for the JSON metrics")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from msakit.train.experiment import run_experiment
 
@@ -93,6 +101,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         sets.append("train.progress=false")
     cfg = build_config(tree, sets + list(args.set or []))
     out = Path(args.out or f"runs/{cfg.model_name}_{cfg.data.name}_{time.strftime('%Y%m%d-%H%M%S')}")
+    _check_out(out, "--out", folder=True)
     log.info("model %s on %s, seeds %s -> %s", cfg.model_name, cfg.data.name, cfg.train.seeds, out)
     results = run_experiment(cfg, out, resume=args.resume, overwrite=args.overwrite)
     keys = _table_keys(results["test_mean"])
@@ -110,6 +119,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from msakit.evaluate import evaluate_checkpoint
     from msakit.train.checkpoint import write_json
 
+    if args.out:
+        _check_out(Path(args.out), "--out", folder=False)
     result = evaluate_checkpoint(args.checkpoint, _data_overrides(args), split=args.split,
                                  predictions=args.predictions)
     print(f"\n{result.model} ({args.checkpoint}) on {result.dataset}, {result.split} split")
@@ -125,6 +136,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from msakit.analysis import analyze_checkpoint, format_contributions
 
     out = Path(args.out or Path(args.checkpoint).parent / "analysis")
+    _check_out(out, "--out", folder=True)
     result = analyze_checkpoint(args.checkpoint, _data_overrides(args), split=args.split,
                                 metric=args.metric, out_dir=out)
     print(f"\n{result['model']} on {result['dataset']} ({args.split} split): modality subsets "
@@ -281,9 +293,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _error_line(error: BaseException) -> str:
+    """One line for a user error; an OSError without a message names its file and errno text."""
+    if isinstance(error, MemoryError):
+        return f"out of memory ({error})" if str(error) else "out of memory"
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.filename}: {error.strerror}" if error.filename else error.strerror
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse printed the usage and its one-line error (or --help)
+        return e.code if isinstance(e.code, int) else 2
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
@@ -295,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except USER_ERRORS as e:
-        print(f"msakit: error: {e}", file=sys.stderr)
+        print(f"msakit: error: {_error_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # Interrupted says where, and how to continue
         print(f"msakit: {str(e) or 'interrupted'}", file=sys.stderr)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,16 +27,17 @@ import yaml
 from msakit.data.synthetic import SyntheticConfig
 from msakit.registry import get_model_entry
 from msakit.suggest import did_you_mean
+from msakit.validated import ConfigError, Validated, bounds, short_repr
+
+__all__ = ["ConfigError", "DataConfig", "ExperimentConfig", "TrainConfig", "build_config", "load_yaml"]
 
 DEFAULT_MODEL = "lf_dnn"
-
-
-class ConfigError(ValueError):
-    """A bad configuration value or key; the message names it."""
+MAX_SEED = 2**63 - 1
+DEVICE_PATTERN = re.compile(r"cpu|auto|mps|cuda(:\d+)?")
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Validated, section="data"):
     name: str = "synthetic"
     """Registered dataset name (`msakit list-datasets`)."""
     data_path: str | None = None
@@ -43,9 +45,9 @@ class DataConfig:
     data_root: str | None = None
     """Folder holding dataset folders (mosi-poria/, mosi-labels/, ...). Default: $MSAKIT_DATA."""
     batch_size: int = 32
-    valid_fraction: float = 0.15
+    valid_fraction: float = field(default=0.15, metadata=bounds(above=0, below=1))
     """mosi-poria: share of Poria's training VIDEOS held out as the validation split."""
-    split_seed: int = 0
+    split_seed: int = field(default=0, metadata=bounds(0, MAX_SEED))
     """Seed of data-side randomness (validation carve-out, synthetic data); fixed across training seeds."""
     padding: str = "auto"
     """MMSA / MulT pickles: which side sequences are padded on: "auto" (found in the data; both
@@ -53,37 +55,33 @@ class DataConfig:
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ConfigError("data.batch_size must be >= 1")
-        if not 0.0 < self.valid_fraction < 1.0:
-            raise ConfigError("data.valid_fraction must be in (0, 1)")
         if self.padding not in ("auto", "start", "end"):
-            raise ConfigError(f"data.padding must be auto, start or end, got {self.padding!r}")
+            raise ConfigError(f"data.padding must be auto, start or end, got {short_repr(self.padding)}")
         if self.data_root is None:
             self.data_root = os.environ.get("MSAKIT_DATA") or None
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Validated, section="train"):
     epochs: int = 30
-    lr: float = 1e-3
+    lr: float = field(default=1e-3, metadata=bounds(above=0))
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     """Max global gradient norm; 0 disables clipping."""
     scheduler: str = "none"
     """"none" or "plateau" (ReduceLROnPlateau on the validation selection metric)."""
-    plateau_patience: int = 10
-    plateau_factor: float = 0.5
+    plateau_patience: int = field(default=10, metadata=bounds(0))
+    plateau_factor: float = field(default=0.5, metadata=bounds(above=0, below=1))
     patience: int = 8
     """Early stopping: stop after this many epochs without a validation improvement."""
     select_metric: str = ""
     """Validation metric that selects the checkpoint; "" = the dataset family's default (MAE for regression)."""
     select_mode: str = ""
     """"min" or "max"; "" = the default that goes with select_metric."""
-    seeds: list[int] = field(default_factory=lambda: [1])
+    seeds: list[int] = field(default_factory=lambda: [1], metadata=bounds(0, MAX_SEED))
     device: str = "cpu"
     """"cpu", "cuda", "cuda:N" or "auto"."""
-    num_threads: int = 0
+    num_threads: int = field(default=0, metadata=bounds(0))
     """torch CPU threads; 0 keeps torch's default."""
     progress: bool = True
     """Show progress bars."""
@@ -92,10 +90,8 @@ class TrainConfig:
     (needs `pip install tensorboard`)."""
 
     def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise ConfigError("train.epochs must be >= 1")
-        if self.lr <= 0:
-            raise ConfigError("train.lr must be > 0")
+        if not DEVICE_PATTERN.fullmatch(self.device):
+            raise ConfigError(f"train.device must be cpu, cuda, cuda:N, mps or auto, got {short_repr(self.device)}")
         if self.scheduler not in ("none", "plateau"):
             raise ConfigError("train.scheduler must be 'none' or 'plateau'")
         if self.select_mode not in ("", "min", "max"):
@@ -143,23 +139,23 @@ def _check_type(value: Any, annotation: Any, where: str) -> Any:
                 return _check_type(value, option, where)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {short_repr(value)}")
     if origin in (list, tuple):
         (inner, *_) = typing.get_args(annotation) or (Any,)
         if isinstance(value, (int, float, str)) and not isinstance(value, bool):
             value = [value]
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {short_repr(value)}")
         return [_check_type(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
     if annotation is Any:
         return value
     if annotation is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+            raise ConfigError(f"{where}: expected true/false, got {short_repr(value)}")
         return value
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            raise ConfigError(f"{where}: expected an integer, got {short_repr(value)}")
         return value
     if annotation is float:
         if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
@@ -168,11 +164,11 @@ def _check_type(value: Any, annotation: Any, where: str) -> Any:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
+            raise ConfigError(f"{where}: expected a number, got {short_repr(value)}")
         return float(value)
     if annotation is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
+            raise ConfigError(f"{where}: expected a string, got {short_repr(value)}")
         return value
     if dataclasses.is_dataclass(annotation):
         return build_dataclass(annotation, value, where)
@@ -186,13 +182,13 @@ def build_dataclass(cls: type, values: dict | Any, where: str):
     if values is None:
         values = {}
     if not isinstance(values, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {values!r}")
+        raise ConfigError(f"{where}: expected a mapping, got {short_repr(values)}")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(values) - known)
+    unknown = sorted((k for k in values if k not in known), key=str)
     if unknown:
         raise ConfigError(
-            f"{where}: unknown key {unknown[0]!r}{did_you_mean(unknown[0], known)} "
+            f"{where}: unknown key {short_repr(unknown[0])}{did_you_mean(str(unknown[0]), known)} "
             f"(known: {', '.join(sorted(known))})"
         )
     kwargs = {k: _check_type(v, hints[k], f"{where}.{k}") for k, v in values.items()}
@@ -212,7 +208,15 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     path = [p for p in key.strip().split(".") if p]
     if not path:
         raise ConfigError(f"override {text!r} has an empty key")
-    return path, yaml.safe_load(raw) if raw.strip() else ""
+    if not raw.strip():
+        return path, ""
+    try:
+        return path, yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        problem = str(getattr(e, "problem", None) or e).splitlines()[0]
+        raise ConfigError(f"override {short_repr(text)}: not a valid YAML value ({problem})") from None
+    except RecursionError:
+        raise ConfigError(f"override {short_repr(text)}: nested too deeply") from None
 
 
 def _apply(tree: dict, path: list[str], value: Any) -> None:
@@ -229,9 +233,16 @@ def load_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from e
+        detail = " ".join(str(e).split())[:300]
+        raise ConfigError(f"{path}: not valid YAML ({detail})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a config") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: top level must be a mapping with model/data/train sections")
     return tree
@@ -242,12 +253,16 @@ def build_config(tree: dict | None = None, overrides: list[str] = ()) -> Experim
     tree = dict(tree or {})
     for text in overrides:
         _apply(tree, *parse_override(text))
-    unknown = sorted(set(tree) - {"model", "data", "train"})
+    unknown = sorted((k for k in tree if k not in ("model", "data", "train")), key=str)
     if unknown:
-        raise ConfigError(f"config: unknown section {unknown[0]!r}"
-                          f"{did_you_mean(unknown[0], ('data', 'model', 'train'))} (known: data, model, train)")
+        raise ConfigError(f"config: unknown section {short_repr(unknown[0])}"
+                          f"{did_you_mean(str(unknown[0]), ('data', 'model', 'train'))} (known: data, model, train)")
+    if not isinstance(tree.get("model") or {}, dict):
+        raise ConfigError(f"model: expected a mapping, got {short_repr(tree['model'])}")
     model_tree = dict(tree.get("model") or {})
     name = model_tree.pop("name", DEFAULT_MODEL)
+    if not isinstance(name, str):
+        raise ConfigError(f"model.name: expected a string, got {short_repr(name)}")
     try:
         entry = get_model_entry(name)
     except KeyError as e:

@@ -6,11 +6,18 @@ Model files are imported in `msakit/models/__init__.py`; importing it fills the 
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
+import numpy as np
+import torch
 from torch import nn
 
 from msakit.suggest import did_you_mean
+from msakit.validated import ConfigError
+
+MAX_MODEL_BYTES = 8 * 2**30
+"""Largest model (weights and buffers) `create_model` builds."""
 
 
 @dataclass(frozen=True)
@@ -53,7 +60,38 @@ def list_models() -> dict[str, str]:
 
 
 def create_model(name: str, cfg, info) -> nn.Module:
+    """Build model `name` from its config; its declared size is checked first (`check_size`)."""
     entry = get_model_entry(name)
     if not isinstance(cfg, entry.config_cls):
         raise TypeError(f"model {name!r} needs a {entry.config_cls.__name__}, got {type(cfg).__name__}")
+    check_size(entry, cfg, info)
     return entry.model_cls(cfg, info)
+
+
+def check_size(entry: ModelEntry, cfg, info) -> None:
+    """Build the model on the meta device (shapes only, no memory; every RNG state restored) and
+    raise ConfigError when its weights would exceed MAX_MODEL_BYTES: a config asking for a
+    10^6 x 10^6 layer fails here in milliseconds instead of exhausting the machine. A model that
+    cannot be built on the meta device is not checked."""
+    if torch.empty(0).device.type == "meta":
+        return
+    states = (torch.get_rng_state(), np.random.get_state(), random.getstate())
+    try:
+        with torch.device("meta"):
+            probe = entry.model_cls(cfg, info)
+    except (ConfigError, ValueError, TypeError):
+        raise
+    except Exception as e:  # e.g. an operation without a meta kernel: the real build decides
+        if isinstance(e, OverflowError) or "overflow" in str(e).lower():
+            raise ConfigError(f"model {entry.name}: its config's sizes overflow ({str(e)[:200]})") from None
+        return
+    finally:
+        torch.set_rng_state(states[0])
+        np.random.set_state(states[1])
+        random.setstate(states[2])
+    total = sum(t.numel() * t.element_size() for t in probe.state_dict().values())
+    if total > MAX_MODEL_BYTES:
+        raise ConfigError(
+            f"model {entry.name}: its config declares {total / 2**30:.1f} GiB of weights "
+            f"(more than {MAX_MODEL_BYTES / 2**30:.0f} GiB); lower its sizes"
+        )

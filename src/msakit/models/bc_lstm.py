@@ -40,10 +40,11 @@ from msakit.models.base import check_choice, task_output
 from msakit.modules.context import ContextLSTM
 from msakit.modules.pooling import masked_mean
 from msakit.registry import register_model
+from msakit.validated import ModelConfig
 
 
 @dataclass
-class BCLSTMConfig:
+class BCLSTMConfig(ModelConfig):
     fusion: str = "hierarchical"
     """'hierarchical': a contextual BiLSTM per modality, then one over their concatenation (paper);
     'concat': one contextual BiLSTM over the concatenated utterance features."""

@@ -92,12 +92,13 @@ from msakit.modules.attention import CrossModalLayer, MaskedMultiheadAttention
 from msakit.modules.pooling import masked_mean
 from msakit.modules.text_encoder import TextEncoder
 from msakit.registry import register_model
+from msakit.validated import ModelConfig
 
 PAIRS = (("text", "audio"), ("text", "vision"), ("audio", "vision"))
 
 
 @dataclass
-class DBRConfig:
+class DBRConfig(ModelConfig):
     hidden: int = 128
     """Width D of every branch (the spec: 128; 256 for MIntRec)."""
     heads: int = 4

@@ -27,10 +27,11 @@ from msakit.models.base import task_output
 from msakit.modules.context import ContextLSTM
 from msakit.modules.encoders import PooledMLPEncoder
 from msakit.registry import register_model
+from msakit.validated import ModelConfig
 
 
 @dataclass
-class LFDNNConfig:
+class LFDNNConfig(ModelConfig):
     text_hidden: int = 64
     audio_hidden: int = 32
     vision_hidden: int = 32

@@ -35,10 +35,11 @@ from msakit.models.base import check_choice, task_output
 from msakit.models.tfn import append_one
 from msakit.modules.encoders import LSTMEncoder, PooledMLPEncoder
 from msakit.registry import register_model
+from msakit.validated import ModelConfig
 
 
 @dataclass
-class LMFConfig:
+class LMFConfig(ModelConfig):
     rank: int = 4
     """Number of low-rank factors (paper: 4 works across datasets)."""
     text_encoder: str = "lstm"

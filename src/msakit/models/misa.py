@@ -33,7 +33,7 @@ Deviations:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -45,18 +45,19 @@ from msakit.losses import cmd, orthogonality_loss
 from msakit.models.base import check_choice, task_output
 from msakit.modules.pooling import masked_mean
 from msakit.registry import register_model
+from msakit.validated import ModelConfig, bounds
 
 ORDER = ("text", "vision", "audio")  # MISA's stacking order of the six vectors
 
 
 @dataclass
-class MISAConfig:
+class MISAConfig(ModelConfig):
     hidden: int = 128
     """Size H of the utterance, shared and private vectors."""
     text_encoder: str = "mlp"
     """'mlp': masked mean of the text features (MMSA's MISA with BERT states) then the projection;
     'lstm': the same two stacked BiLSTMs as audio/vision (MISA with GloVe)."""
-    rnn_hidden: int = 0
+    rnn_hidden: int = field(default=0, metadata=bounds(0))
     """Hidden size of each BiLSTM; 0 = the modality's feature size (as in MISA)."""
     dropout: float = 0.2
     """Dropout in the prediction head."""

@@ -115,7 +115,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -128,6 +128,7 @@ from msakit.models.base import check_choice
 from msakit.modules.context import scatter_videos
 from msakit.modules.pooling import masked_mean
 from msakit.registry import register_model
+from msakit.validated import ModelConfig, bounds
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ NUM_MODALITIES = len(MODALITIES)
 
 
 @dataclass
-class MMCLConfig:
+class MMCLConfig(ModelConfig):
     hidden: int = 128
     """D: width of the modality projections, decoupled features, actor and critic (release: 128)."""
     heads: int = 4
@@ -173,7 +174,7 @@ class MMCLConfig:
     length_rule: str = "resample"
     """Unequal modality lengths: "resample" (area-resample each sample to a common length, with
     a mask) or "refuse" (an error: use word-aligned data)."""
-    common_length: int = 0
+    common_length: int = field(default=0, metadata=bounds(0))
     """Cap of the common length when resampling; 0 = the shortest of the dataset's max lengths."""
     over_utterances: str = "auto"
     """"on": the sequence is the utterances of a video (whole-video batches, per-utterance

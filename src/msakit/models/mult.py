@@ -44,10 +44,11 @@ from msakit.models.base import task_output
 from msakit.modules.attention import CrossModalTransformer
 from msakit.modules.pooling import masked_mean
 from msakit.registry import register_model
+from msakit.validated import ModelConfig
 
 
 @dataclass
-class MulTConfig:
+class MulTConfig(ModelConfig):
     dim: int = 40
     """Hidden size d of every cross-modal transformer (paper: 40)."""
     num_heads: int = 10

@@ -116,7 +116,7 @@ gamma 0.98, lambda 0.01, mu 0.1, alpha 0.1, beta 0.05, D 256, depth 4, dropout 0
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import combinations
 
 import torch
@@ -132,13 +132,14 @@ from msakit.modules.pooling import masked_mean
 from msakit.modules.shapley import modulation_coefficients, shapley_values, subset_masks
 from msakit.modules.sinkhorn import sinkhorn
 from msakit.registry import register_model
+from msakit.validated import ModelConfig, bounds
 
 REGRESSION_BINS = 7
 GATE_HIDDEN = 16
 
 
 @dataclass
-class PaSEConfig:
+class PaSEConfig(ModelConfig):
     hidden: int = 256
     """D: width of the projections, experts and prototypes."""
     depth: int = 4
@@ -187,10 +188,10 @@ class PaSEConfig:
     undoes a constant factor within ~1000 steps)."""
     sgm_update: str = "epoch"
     """Recompute the Shapley values at every epoch end ("epoch") or every training step ("step")."""
-    shapley_samples: int = 0
+    shapley_samples: int = field(default=0, metadata=bounds(0))
     """Samples of the held (or current) batch that the subset utilities use; 0 = the whole batch.
     A small number makes sgm_update="step" cheap."""
-    min_phase1_epochs: int = 20
+    min_phase1_epochs: int = field(default=20, metadata=bounds(0))
     """Earliest epoch at whose end phase 2 may begin."""
     switch_patience: int = 5
     """Epochs without a validation improvement (> switch_delta) before switching to phase 2."""

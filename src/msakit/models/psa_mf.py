@@ -72,7 +72,7 @@ Deviations and our choices:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -86,6 +86,7 @@ from msakit.losses import clip_loss, shape_prediction, task_loss
 from msakit.models.base import check_choice, task_output
 from msakit.modules.attention import MaskedMultiheadAttention
 from msakit.registry import register_model
+from msakit.validated import ModelConfig, bounds
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ TEXT_ENCODER_PREFIX = "text_encoder."
 
 
 @dataclass
-class PSAMFConfig:
+class PSAMFConfig(ModelConfig):
     text_encoder: str = "minilm"
     """Sentiment text encoder (trained): "minilm" (packaged all-MiniLM-L6-v2), "tiny" (random
     2-layer BERT) or a local BERT-style model folder."""
@@ -116,7 +117,7 @@ class PSAMFConfig:
     """Dropout on the LSTMs' last hidden state before Linear(H->H) (the release's 1-layer LSTM
     uses 0)."""
     attention_heads: int = 2
-    align_layer: int = -3
+    align_layer: int = field(default=-3, metadata=bounds())
     """Hidden state (0 = embeddings, N = final) whose [CLS] is aligned with the personality;
     negative counts from the end (-3 = index 10 of 13 for BERT-base, 4 of 7 for MiniLM)."""
     align_dim: int = 64

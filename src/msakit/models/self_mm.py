@@ -55,13 +55,14 @@ from msakit.losses import shape_prediction, task_loss
 from msakit.models.base import check_choice, task_output
 from msakit.modules.encoders import LSTMEncoder, build_encoder
 from msakit.registry import register_model
+from msakit.validated import ModelConfig
 
 HEADS = ("fusion", "text", "audio", "vision")  # rows of label_memory
 EPS = 1e-8
 
 
 @dataclass
-class SelfMMConfig:
+class SelfMMConfig(ModelConfig):
     text_encoder: str = "mlp"
     """'mlp' (masked mean + MLP) or 'lstm' (packed LSTM) over the text features."""
     text_out: int = 128

@@ -23,7 +23,7 @@ Deviations / [ours]:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -34,10 +34,11 @@ from msakit.models.base import check_choice, task_output
 from msakit.modules.pooling import masked_mean
 from msakit.modules.text_encoder import TextEncoder
 from msakit.registry import register_model
+from msakit.validated import ModelConfig, bounds
 
 
 @dataclass
-class TextBertConfig:
+class TextBertConfig(ModelConfig):
     encoder: str = "minilm"
     """"minilm" (packaged all-MiniLM-L6-v2), "tiny" (random tiny BERT) or a local model folder."""
     max_tokens: int = 50
@@ -50,7 +51,7 @@ class TextBertConfig:
     """Learning rate of the encoder (the head uses train.lr)."""
     freeze: bool = False
     """Keep the encoder fixed (a linear probe on frozen features)."""
-    seed: int = 0
+    seed: int = field(default=0, metadata=bounds(0, 2**63 - 1))
     """Seed of the random weights of the "tiny" encoder (ignored for loaded weights)."""
 
     def __post_init__(self) -> None:

@@ -25,10 +25,11 @@ from msakit.models.base import check_choice, task_output
 from msakit.modules.dropout import WideDropout
 from msakit.modules.encoders import LSTMEncoder, PooledMLPEncoder
 from msakit.registry import register_model
+from msakit.validated import ModelConfig
 
 
 @dataclass
-class TFNConfig:
+class TFNConfig(ModelConfig):
     text_encoder: str = "lstm"
     """'lstm' (packed LSTM, as in the paper) or 'mlp' (masked mean + MLP)."""
     text_hidden: int = 32

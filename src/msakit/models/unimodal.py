@@ -17,10 +17,11 @@ from msakit.data.base import DatasetInfo
 from msakit.models.base import check_choice, task_output
 from msakit.modules.encoders import build_encoder
 from msakit.registry import register_model
+from msakit.validated import ModelConfig
 
 
 @dataclass
-class UnimodalConfig:
+class UnimodalConfig(ModelConfig):
     modality: str = "text"
     """Which modality to use: text, audio or vision."""
     encoder: str = "mlp"
