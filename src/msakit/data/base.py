@@ -27,6 +27,10 @@ class DataError(ValueError):
     """Bad input data. The message names the file/field and the problem."""
 
 
+def _is_int(value: object, low: int) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= low
+
+
 @dataclass(frozen=True)
 class DatasetInfo:
     """What a model needs to know about its data.
@@ -59,8 +63,12 @@ class DatasetInfo:
         if self.metric_family not in METRIC_FAMILIES:
             raise ValueError(f"DatasetInfo.metric_family must be one of {METRIC_FAMILIES}")
         for key in ("feature_dims", "max_lengths"):
-            if set(getattr(self, key)) != set(MODALITIES):
+            if not isinstance(getattr(self, key), dict) or set(getattr(self, key)) != set(MODALITIES):
                 raise ValueError(f"DatasetInfo.{key} needs exactly the keys {MODALITIES}")
+            if not all(_is_int(v, 1) for v in getattr(self, key).values()):
+                raise ValueError(f"DatasetInfo.{key} values must be integers >= 1")
+        if not (_is_int(self.num_classes, 1) and _is_int(self.num_tasks, 1) and _is_int(self.train_size, 0)):
+            raise ValueError("DatasetInfo.num_classes / num_tasks must be integers >= 1, train_size >= 0")
 
     @property
     def output_dim(self) -> int:
@@ -132,13 +140,26 @@ class MultimodalData:
     """Set by `validate`; `load_dataset` does not validate again what its loader validated."""
 
 
+_SANITIZE_BLOCK = 2**22  # values per block: the temporary mask stays at 4 MB
+
+
 def sanitize_features(array: np.ndarray, where: str) -> np.ndarray:
-    """Replace NaN/+-inf by 0 with a logged count (COVAREP features contain -inf)."""
-    bad = ~np.isfinite(array)
-    count = int(bad.sum())
+    """Replace NaN/+-inf by 0 with a logged count (COVAREP features contain -inf).
+
+    In place, block by block (a writeable float32 array is cleaned where it lies: no copy of
+    the whole array, only a few-MB mask); a read-only or other-dtype array is converted once."""
+    if array.dtype != np.float32 or not array.flags.writeable or not array.flags.c_contiguous:
+        array = np.array(array, dtype=np.float32, order="C")
+    flat = array.reshape(-1)  # a view of the contiguous array
+    count = 0
+    for start in range(0, flat.size, _SANITIZE_BLOCK):
+        block = flat[start : start + _SANITIZE_BLOCK]
+        bad = ~np.isfinite(block)
+        if bad.any():
+            count += int(bad.sum())
+            block[bad] = 0.0
     if count:
         log.warning("%s: replaced %d non-finite feature values (NaN/inf) with 0", where, count)
-        array = np.where(bad, 0.0, array).astype(np.float32)
     return array
 
 

@@ -87,7 +87,7 @@ def to_float_array(value: Any, where: str) -> np.ndarray:
     try:
         array = np.asarray(value, dtype=np.float32)
     except (TypeError, ValueError, OverflowError) as e:
-        raise DataError(f"{where}: not a numeric array ({e})") from e
+        raise DataError(f"{where}: not a numeric array ({str(e).splitlines()[0][:200]})") from None
     if not array.flags.writeable:
         array = array.copy()
     return array
@@ -126,6 +126,28 @@ def _clip_lengths(lengths: np.ndarray, steps: int, where: str) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- reading
+
+
+def check_meta(meta: Any, path: Path) -> dict:
+    """The optional "msakit" metadata block, checked entry by entry (DataError naming it)."""
+    meta = {} if meta is None else meta
+    if not isinstance(meta, dict):
+        raise DataError(f"{path}: {META_KEY!r} entry must be a dict")
+    where = f"{path}: {META_KEY}"
+    if meta.get("task", "regression") not in ("regression", "classification"):
+        raise DataError(f"{where}.task must be 'regression' or 'classification'")
+    if meta.get("name") is not None and not isinstance(meta["name"], str):
+        raise DataError(f"{where}.name must be a string")
+    k = meta.get("num_classes")
+    if k is not None and (not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not 1 <= k <= 100_000):
+        raise DataError(f"{where}.num_classes must be an integer in [1, 100000], got {str(k)[:40]!r}")
+    for key in ("class_names", "notes"):
+        value = meta.get(key)
+        if value is not None and (
+            not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value)
+        ):
+            raise DataError(f"{where}.{key} must be a list of strings")
+    return meta
 
 
 @dataclass
@@ -216,12 +238,8 @@ def read_mmsa(
     data = load_pickle(path)
     if not isinstance(data, dict):
         raise DataError(f"{path}: top level is a {type(data).__name__}, expected a dict of splits")
-    meta = data.get(META_KEY) or {}
-    if not isinstance(meta, dict):
-        raise DataError(f"{path}: {META_KEY!r} entry must be a dict")
+    meta = check_meta(data.get(META_KEY), path)
     task = meta.get("task", "regression")
-    if task not in ("regression", "classification"):
-        raise DataError(f"{path}: {META_KEY}.task must be 'regression' or 'classification'")
 
     parts: dict[str, _Split] = {}
     for split in SPLITS:
