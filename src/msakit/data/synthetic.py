@@ -59,6 +59,7 @@ from msakit.data import register_dataset
 from msakit.data.base import DataError, MultimodalData
 from msakit.data.mmsa import read_mmsa, write_mmsa
 from msakit.data.safe_pickle import load_pickle
+from msakit.validated import Validated
 
 if TYPE_CHECKING:
     from msakit.config import DataConfig
@@ -73,7 +74,7 @@ _MODALITIES = ("text", "audio", "vision")
 
 
 @dataclass
-class SyntheticConfig:
+class SyntheticConfig(Validated, section="data.synthetic"):
     """Sizes, dims, lengths, noise and modality strengths of the planted data."""
 
     train_size: int = 1200
