@@ -261,8 +261,7 @@ def load_personality_head(folder: str | Path) -> tuple[BigFiveHead, dict]:
         detail = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise ConfigError(f"{folder / HEAD_FILE}: cannot load the personality head ({detail})") from None
     with torch.device("meta"):
-        expected = BigFiveHead(meta["embedding_dim"], meta["hidden"]).state_dict()
-    check_weights(state, expected, f"{folder / HEAD_FILE}")
+        check_weights(state, BigFiveHead(meta["embedding_dim"], meta["hidden"]), f"{folder / HEAD_FILE}")
     head = BigFiveHead(meta["embedding_dim"], meta["hidden"])
     head.load_state_dict(state)
     head.requires_grad_(False)

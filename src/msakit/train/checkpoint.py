@@ -8,6 +8,7 @@ import json
 import math
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -120,14 +121,16 @@ def check_checkpoint_state(state: dict[str, Any], path: str | Path) -> None:
             f"{path}: its config declares {cfg.model_name} weights of {declared / 2**20:.1f} MiB "
             f"but the file holds {size / 2**20:.1f} MiB"
         )
-    check_weights(state["model"], expected, f"{path}: model")
+    check_weights(state["model"], model, f"{path}: model")
     if "optimizers" in state:
-        _check_resume_state(state, path, model, cfg, info, expected)
+        _check_resume_state(state, path, model, cfg, info)
 
 
-def check_weights(saved: Any, expected: dict[str, torch.Tensor], where: str) -> None:
-    """`saved` must be a name -> tensor dict with exactly `expected`'s names, shapes and dtypes,
+def check_weights(saved: Any, module: torch.nn.Module, where: str) -> None:
+    """`saved` must load into `module` (built on the meta device): a name -> tensor dict with
+    exactly its names and dtypes, shapes it accepts (its own load hooks may resize buffers),
     each tensor backed by as many bytes as it claims (no zero-stride expansion)."""
+    expected = module.state_dict()
     if not isinstance(saved, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in saved.items()
     ):
@@ -139,13 +142,21 @@ def check_weights(saved: Any, expected: dict[str, torch.Tensor], where: str) -> 
             f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
     for name, tensor in saved.items():
-        want = expected[name]
-        if tensor.shape != want.shape or tensor.dtype != want.dtype:
-            raise CheckpointError(
-                f"{where}: weight {name!r} is {tuple(tensor.shape)} {tensor.dtype}; the config "
-                f"needs {tuple(want.shape)} {want.dtype}"
-            )
         _check_backed(tensor, f"{where}: weight {name!r}")
+    wrong = [k for k, v in saved.items() if v.dtype != expected[k].dtype]
+    if not wrong:
+        try:
+            with warnings.catch_warnings():  # "copying into a meta parameter is a no-op"
+                warnings.simplefilter("ignore")
+                module.load_state_dict(saved)  # on meta tensors: shapes checked, nothing copied
+            return
+        except (RuntimeError, ValueError, TypeError):
+            wrong = [k for k, v in saved.items() if v.shape != expected[k].shape] or list(saved)[:1]
+    name = wrong[0]
+    raise CheckpointError(
+        f"{where}: weight {name!r} is {tuple(saved[name].shape)} {saved[name].dtype}; the config "
+        f"needs {tuple(expected[name].shape)} {expected[name].dtype}"
+    )
 
 
 def _check_backed(tensor: torch.Tensor, where: str) -> None:
@@ -153,7 +164,7 @@ def _check_backed(tensor: torch.Tensor, where: str) -> None:
         raise CheckpointError(f"{where} claims more elements than its stored data (a strided view)")
 
 
-def _check_resume_state(state: dict, path: Path, model, cfg, info, expected: dict) -> None:
+def _check_resume_state(state: dict, path: Path, model, cfg, info) -> None:
     from msakit.train.loop import build_optimizers, build_schedulers, selection_rule
 
     for key, kind in _RESUME_TYPES.items():
@@ -168,7 +179,7 @@ def _check_resume_state(state: dict, path: Path, model, cfg, info, expected: dic
     if state["rng"].dtype != rng.dtype or state["rng"].shape != rng.shape:
         raise CheckpointError(f"{path}: entry 'rng' is not a CPU random-generator state")
     _check_backed(state["rng"], f"{path}: entry 'rng'")
-    check_weights(state["best_state"], expected, f"{path}: best_state")
+    check_weights(state["best_state"], model, f"{path}: best_state")
     optimizers = build_optimizers(model, cfg)
     if set(state["optimizers"]) != set(optimizers):
         raise CheckpointError(
