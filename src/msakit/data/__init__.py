@@ -17,6 +17,7 @@ from msakit.data.base import (
     validate,
 )
 from msakit.suggest import did_you_mean
+from msakit.validated import ConfigError
 
 if TYPE_CHECKING:
     from msakit.config import DataConfig
@@ -42,11 +43,23 @@ def list_datasets() -> dict[str, str]:
 
 
 def load_dataset(cfg: DataConfig) -> MultimodalData:
+    """Run the registered loader of `cfg.name` and `validate` its data. Loaders raise DataError
+    for what they check; any other failure on a file's content (a ragged list numpy cannot
+    stack, a value of an unexpected type, ...) also becomes one DataError line naming the source."""
     if cfg.name not in _LOADERS:
         raise DataError(f"unknown dataset {cfg.name!r}{did_you_mean(cfg.name, _LOADERS)}; "
                         f"known: {', '.join(sorted(_LOADERS))}")
-    data = _LOADERS[cfg.name](cfg)
-    return data if data.validated else validate(data)
+    try:
+        data = _LOADERS[cfg.name](cfg)
+        return data if data.validated else validate(data)
+    except DataError:
+        raise
+    except (ValueError, TypeError, OverflowError, IndexError, KeyError, AttributeError, RecursionError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        source = cfg.data_path or cfg.data_root or cfg.name
+        detail = " ".join(str(e).split())[:200]
+        raise DataError(f"{source}: unexpected content ({type(e).__name__}: {detail})") from None
 
 
 from msakit.data import mintrec, mmsa, mosi_poria, mult, synthetic  # noqa: E402, F401  (registration)
