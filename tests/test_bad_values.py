@@ -83,7 +83,7 @@ def test_bad_flags(tmp_path, capsys):
 def test_huge_model_is_refused_before_it_is_built(tmp_path, capsys):
     _fails(capsys, ["train", "--out", str(tmp_path / "r"), "--set", *SMALL, "model.text_hidden=2000000000",
                     "model.fusion_hidden=2000000000"], "model lf_dnn: its config")
-    _fails(capsys, ["train", "--out", str(tmp_path / "r"), "--set", *SMALL, "model.fusion_hidden=200000000"],
+    _fails(capsys, ["train", "--out", str(tmp_path / "r2"), "--set", *SMALL, "model.fusion_hidden=200000000"],
            "GiB of weights")
 
 

@@ -14,7 +14,7 @@ the audio/vision subnets; regression output is not squashed by the original's si
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -25,7 +25,7 @@ from msakit.models.base import check_choice, task_output
 from msakit.modules.dropout import WideDropout
 from msakit.modules.encoders import LSTMEncoder, PooledMLPEncoder
 from msakit.registry import register_model
-from msakit.validated import ModelConfig
+from msakit.validated import ModelConfig, bounds
 
 
 @dataclass
@@ -34,7 +34,7 @@ class TFNConfig(ModelConfig):
     """'lstm' (packed LSTM, as in the paper) or 'mlp' (masked mean + MLP)."""
     text_hidden: int = 32
     """Size of the text vector z_t (MMSA: text_out)."""
-    text_lstm_hidden: int = 0
+    text_lstm_hidden: int = field(default=0, metadata=bounds(0))
     """Hidden size of the text LSTM before its output layer to `text_hidden` (MMSA: hidden_dims[0],
     128 on MOSI); 0 = `text_hidden`."""
     audio_hidden: int = 8
