@@ -13,11 +13,12 @@ Loading runs in a fresh child process: `load_dataset(DataConfig(name="mmsa", dat
 the reported number is the child's peak RSS (ru_maxrss) minus its RSS after the imports,
 divided by the feature size. The target is <= 1.3.
 
-    nice -n 10 python benchmarks/load_memory.py [--scale 1.0] [--dir /tmp]
+    nice -n 10 python benchmarks/load_memory.py [--scale 1.0] [--dir /tmp] [--out DIR | --publish]
 
 --scale shrinks the sample counts (a quick check; the committed result uses 1.0). Needs about
-4 GB of disk in --dir and ~5.5 GB of free memory. Takes ~2-4 minutes. Writes
-benchmarks/results/load_memory.json.
+4 GB of disk in --dir and ~5 GB of free memory. Takes ~3 minutes on an idle machine (writing
+the file dominates; ~20 minutes on a loaded one). Writes load_memory.json into --out (default
+runs/benchmarks/load_memory/); --publish writes benchmarks/results/load_memory.json.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from results_store import update_json
+from results_store import add_output_args, results_dir, update_json
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {"train": 16_326, "valid": 1_871, "test": 4_659}
@@ -136,8 +137,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", type=float, default=1.0)
     parser.add_argument("--dir", default="/tmp")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "load_memory.json"))
+    add_output_args(parser, "load_memory")
     args = parser.parse_args()
+    if args.publish and args.scale != 1.0:
+        raise SystemExit("--publish refused: only the full-size run (--scale 1) is published")
     rows = {}
     for variant, with_inf in (("clean", False), ("-inf", True)):
         path = Path(args.dir) / f"msakit-mosei-shaped-{variant.strip('-')}.pkl"
@@ -158,8 +161,9 @@ def main() -> None:
     entry = {"scale": args.scale, "sizes": SIZES, "steps": STEPS, "dims": DIMS, "variants": rows,
              "target": "peak RSS - baseline <= 1.3x the feature size", "python": sys.version.split()[0],
              "numpy": np.__version__}
-    update_json(Path(args.out), lambda current: {**current, f"scale_{args.scale:g}": entry})
-    print(f"wrote {args.out}")
+    target = results_dir(args) / "load_memory.json"
+    update_json(target, lambda current: {**current, f"scale_{args.scale:g}": entry})
+    print(f"wrote {target}")
 
 
 if __name__ == "__main__":
