@@ -306,8 +306,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-    except SystemExit as e:  # argparse printed the usage and its one-line error (or --help)
-        return e.code if isinstance(e.code, int) else 2
+    except SystemExit as e:  # argparse printed the usage and its one-line error: status 2, no raise
+        if e.code in (0, None):  # --help / --version
+            raise
+        return 2
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
