@@ -31,7 +31,8 @@ def load_model_from_checkpoint(path: str | Path, data_overrides: list[str] = ())
     if cfg.data.data_path and not Path(cfg.data.data_path).exists():
         raise CheckpointError(  # a loader may write a missing data file (synthetic): never here
             f"{path}: its config names data file {cfg.data.data_path}, which does not exist "
-            "(evaluation only reads data: pass --data-path)"
+            "(evaluation only reads data; pass --data-root DIR or --data-path FILE to evaluate on data "
+            "that has moved)"
         )
     info = DatasetInfo.from_dict(state["info"])
     model = create_model(cfg.model_name, cfg.model, info)
