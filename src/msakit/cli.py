@@ -1,4 +1,5 @@
-"""Command line: `msakit train | eval | analyze | personality fit | list-models | list-datasets`.
+"""Command line: `msakit train | eval | analyze | robustness | compare | personality fit | list-models |
+list-datasets`.
 
 Every command is also callable in-process as `main([...])` (tests do so); errors in the user's
 input end with a one-line message on stderr and exit status 2.
@@ -148,6 +149,34 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_labels(dirs: list[str]) -> dict[str, str]:
+    """label -> folder; the folder name, made unique with its parent's name where needed."""
+    names = [Path(d).name or str(d) for d in dirs]
+    return {(n if names.count(n) == 1 else f"{Path(d).parent.name}/{n}"): d for n, d in zip(names, dirs, strict=True)}
+
+
+def cmd_robustness(args: argparse.Namespace) -> int:
+    from msakit.robustness import format_report, robustness_report, run_checkpoints
+
+    if bool(args.checkpoint) == bool(args.runs):
+        raise ConfigError("robustness: give either --checkpoint FILE or --runs DIR ...")
+    if args.checkpoint:
+        runs = {Path(args.checkpoint).parent.parent.name or "model": [args.checkpoint]}
+        default_out = Path(args.checkpoint).parent / "robustness"
+    else:
+        runs = {label: run_checkpoints(d) for label, d in _run_labels(args.runs).items()}
+        default_out = Path(args.runs[0]) / "robustness"
+    out = Path(args.out or default_out)
+    report = robustness_report(runs, protocols=args.protocol, levels=args.levels, seeds=args.seeds,
+                               metric=args.metric, split=args.split, data_overrides=_data_overrides(args),
+                               out_dir=out)
+    print(f"\nrobustness on the {args.split} split ({report['metric']}; corruption seeds {args.seeds}; "
+          "mean over checkpoints and seeds)")
+    print(format_report(report))
+    print(f"\nwrote {out / 'robustness.json'}, {out / 'robustness.md'} and {out / 'robustness.png'}")
+    return 0
+
+
 def cmd_list_models(args: argparse.Namespace) -> int:
     for name, summary in list_models().items():
         print(f"{name:16s} {summary}")
@@ -267,6 +296,23 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--metric", help="metric of the utility (default: the selection metric)")
     analyze.add_argument("--out", help="folder for shapley.json/png (default: <checkpoint dir>/analysis)")
     analyze.set_defaults(handler=cmd_analyze)
+
+    from msakit.robustness import DEFAULT_LEVELS, PROTOCOL_CHOICES
+
+    robust = _subparser(commands, "robustness", "evaluate checkpoints under missing/noisy modalities")
+    robust.add_argument("--checkpoint", help="one checkpoint (best.pt)")
+    robust.add_argument("--runs", nargs="+", metavar="DIR", help="msakit train output folders to overlay "
+                        "(every seed_*/best.pt of each, averaged)")
+    _add_data_args(robust)
+    robust.add_argument("--protocol", nargs="+", default=list(PROTOCOL_CHOICES), choices=PROTOCOL_CHOICES)
+    robust.add_argument("--levels", nargs="+", type=float, default=list(DEFAULT_LEVELS),
+                        help="corruption levels in [0, 1]")
+    robust.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], help="corruption seeds (averaged)")
+    robust.add_argument("--metric", help="default: non0_acc2 (MOSI-type), acc2 (SIMS), mean_f1, acc")
+    robust.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    robust.add_argument("--out", help="folder for robustness.json/md/png (default: beside the checkpoint "
+                        "or in the first run folder)")
+    robust.set_defaults(handler=cmd_robustness)
 
     personality = _subparser(commands, "personality", "personality encoders for PSA-MF")
     personality_commands = personality.add_subparsers(dest="personality_command", required=True)

@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from msakit.corruption import CorruptionConfig
 from msakit.data.synthetic import SyntheticConfig
 from msakit.registry import get_model_entry
 from msakit.suggest import did_you_mean
@@ -88,6 +89,9 @@ class TrainConfig(Validated, section="train"):
     tensorboard: bool = False
     """Also write the per-epoch log as TensorBoard scalars to OUT/seed_<s>/tensorboard
     (needs `pip install tensorboard`)."""
+    corruption: CorruptionConfig = field(default_factory=CorruptionConfig)
+    """Robust training: corrupt the training batches (msakit.corruption; e.g.
+    `train.corruption.protocol=missing train.corruption.mode=random train.corruption.rate=1`)."""
 
     def __post_init__(self) -> None:
         if not DEVICE_PATTERN.fullmatch(self.device):

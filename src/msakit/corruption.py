@@ -300,6 +300,12 @@ class BatchCorruption:
         std = feature_std(train_arrays) if cfg.protocol == "noise" else None
         return cls(cfg.protocol, cfg.rate, seed, cfg.mode, std, cfg.complete_fraction, cfg.condition)
 
+    def for_validation(self) -> BatchCorruption:
+        """The same corruption under another seed; keys are batch numbers, so every epoch sees
+        the same corrupted validation split."""
+        return BatchCorruption(self.protocol, self.rate, self.seed + 7_919, self.mode, self.std,
+                               self.complete_fraction, self.condition)
+
     def __call__(self, batch: Batch, key: int) -> Batch:
         generator = torch.Generator().manual_seed((self.seed * 1_000_003 + key) % 2**63)
         if self.mode == "random":

@@ -13,6 +13,9 @@ checkpoint. Optional model hooks (all generic, none model-specific):
                                      a model with its own update rule (e.g. actor-critic) does its
                                      own backward/steps here; losses come back detached for logging
 All optimisers' states (and a plateau scheduler's, `train.scheduler=plateau`) are checkpointed.
+Batch transforms: `train.corruption` (msakit.corruption) corrupts each training batch, keyed by
+(seed, epoch, step) so a resumed run sees the same corruptions; validation stays clean unless
+`train.corruption.validate`.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +38,7 @@ from tqdm.auto import tqdm
 
 from msakit.batch import Batch, ModelOutput
 from msakit.config import ExperimentConfig
+from msakit.corruption import BatchCorruption
 from msakit.data import MultimodalData, to_loader
 from msakit.data.base import DatasetInfo, SplitArrays
 from msakit.metrics import SELECTION_DEFAULTS, compute_metrics, is_better
@@ -91,14 +96,18 @@ def selection_rule(cfg: ExperimentConfig, info: DatasetInfo) -> tuple[str, str]:
 
 @torch.no_grad()
 def predict(
-    model: nn.Module, arrays: SplitArrays, info: DatasetInfo, batch_size: int, device: torch.device
+    model: nn.Module, arrays: SplitArrays, info: DatasetInfo, batch_size: int, device: torch.device,
+    transform: Callable[[Batch, int], Batch] | None = None,
 ) -> tuple[np.ndarray, float]:
-    """Predictions for a whole split, in order, and the mean total loss."""
+    """Predictions for a whole split, in order, and the mean total loss. `transform(batch, i)`
+    (e.g. a `BatchCorruption`) is applied to the i-th batch first."""
     model.eval()
     outputs, rows, total, count = [], [], 0.0, 0
     whole_videos = getattr(model, "whole_videos", False)
-    for batch in to_loader(arrays, info, batch_size, shuffle=False, whole_videos=whole_videos):
+    for i, batch in enumerate(to_loader(arrays, info, batch_size, shuffle=False, whole_videos=whole_videos)):
         batch = batch.to(device)
+        if transform is not None:
+            batch = transform(batch, i)
         out = model(batch)
         outputs.append(out.prediction.float().cpu().numpy())
         rows.append(batch.index.cpu().numpy())
@@ -111,9 +120,10 @@ def predict(
 
 
 def evaluate(
-    model: nn.Module, arrays: SplitArrays, info: DatasetInfo, batch_size: int, device: torch.device
+    model: nn.Module, arrays: SplitArrays, info: DatasetInfo, batch_size: int, device: torch.device,
+    transform: Callable[[Batch, int], Batch] | None = None,
 ) -> tuple[dict[str, float], np.ndarray]:
-    prediction, loss = predict(model, arrays, info, batch_size, device)
+    prediction, loss = predict(model, arrays, info, batch_size, device, transform)
     if not np.all(np.isfinite(prediction)):
         raise TrainingError(f"the model predicted NaN/inf on {int((~np.isfinite(prediction)).sum())} values")
     metrics = compute_metrics(
@@ -277,6 +287,8 @@ def fit(
         log.info("seed %d: resumed from %s at epoch %d", seed, last_path, start_epoch)
     stopped = bool(history) and history[-1].get("stopped", False)
     board = _tensorboard_writer(run_dir) if train_cfg.tensorboard else None
+    corruption = BatchCorruption.from_config(train_cfg.corruption, data.splits["train"], seed)
+    valid_transform = corruption.for_validation() if corruption and train_cfg.corruption.validate else None
 
     for epoch in range(start_epoch, train_cfg.epochs):
         if stopped:
@@ -294,6 +306,8 @@ def fit(
         step = model.training_step if hasattr(model, "training_step") else None
         for batch in bar:
             batch: Batch = batch.to(device)
+            if corruption is not None:
+                batch = corruption(batch, epoch * 1_000_003 + steps)
             where = (epoch + 1, steps + 1)
             if step is not None:
                 out = step(batch, optimizers, train_cfg)
@@ -306,7 +320,8 @@ def fit(
             bar.set_postfix(loss=f"{sum(float(v.detach()) for v in out.losses.values()):.4f}")
         train_seconds = time.perf_counter() - started
 
-        valid_metrics, _ = evaluate(model, data.splits["valid"], info, cfg.data.batch_size, device)
+        valid_metrics, _ = evaluate(model, data.splits["valid"], info, cfg.data.batch_size, device,
+                                    valid_transform)
         record = {
             "epoch": epoch + 1,
             "train_loss": sum(terms.values()) / max(steps, 1),
@@ -360,7 +375,7 @@ def fit(
     model.load_state_dict(best_state)
     save_checkpoint(checkpoint_state(cfg, info, seed, model=best_state, best_epoch=best_epoch,
                                      data_fingerprint=fingerprint), run_dir / "best.pt")
-    valid_metrics, _ = evaluate(model, data.splits["valid"], info, cfg.data.batch_size, device)
+    valid_metrics, _ = evaluate(model, data.splits["valid"], info, cfg.data.batch_size, device, valid_transform)
     test_metrics, test_prediction = evaluate(model, data.splits["test"], info, cfg.data.batch_size, device)
     write_text(predictions_csv(data.splits["test"], test_prediction, info), run_dir / "predictions_test.csv")
     result = SeedResult(seed, valid_metrics, test_metrics, best_epoch, history)
