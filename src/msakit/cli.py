@@ -138,6 +138,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     out = Path(args.out or Path(args.checkpoint).parent / "analysis")
     _check_out(out, "--out", folder=True)
+    if args.probes:
+        return _probes(args, out)
+    if args.alone:
+        raise ConfigError("--alone needs --probes")
     result = analyze_checkpoint(args.checkpoint, _data_overrides(args), split=args.split,
                                 metric=args.metric, out_dir=out)
     print(f"\n{result['model']} on {result['dataset']} ({args.split} split): modality subsets "
@@ -174,6 +178,39 @@ def cmd_robustness(args: argparse.Namespace) -> int:
           "mean over checkpoints and seeds)")
     print(format_report(report))
     print(f"\nwrote {out / 'robustness.json'}, {out / 'robustness.md'} and {out / 'robustness.png'}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from msakit.compare import compare_runs, format_comparison
+
+    runs = _run_labels(args.runs)
+    out = Path(args.out or Path(args.runs[0]).parent / "compare")
+    report = compare_runs(runs, metric=args.metric, resamples=args.bootstrap, seed=args.seed, out_dir=out)
+    direction = "lower" if report["lower_is_better"] else "higher"
+    print(f"\ntest {report['metric']} ({direction} is better); std over seeds is the population std")
+    print(format_comparison(report))
+    print(f"\nwrote {out / 'compare.json'}, {out / 'compare.md'} and {out / 'curves.png'}")
+    return 0
+
+
+def _probes(args: argparse.Namespace, out: Path) -> int:
+    from msakit.probes import format_probes, probe_report
+
+    alone = {}
+    for item in args.alone or []:
+        modality, sep, path = item.partition("=")
+        if not sep or not path:
+            raise ConfigError(f"--alone {item!r}: expected MODALITY=CHECKPOINT")
+        alone[modality] = path
+    metrics = [args.metric] if args.metric else None
+    report = probe_report(args.checkpoint, alone, metrics, _data_overrides(args), out_dir=out)
+    print(f"\n{report['model']} on {report['dataset']}: linear probes of the frozen per-modality encoders "
+          "(fitted on train, strength chosen on valid, scored on test)")
+    print(format_probes(report))
+    for note in report["notes"]:
+        print(f"note: {note}")
+    print(f"\nwrote {out / 'probes.json'}")
     return 0
 
 
@@ -295,6 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--split", default="test", choices=["train", "valid", "test"])
     analyze.add_argument("--metric", help="metric of the utility (default: the selection metric)")
     analyze.add_argument("--out", help="folder for shapley.json/png (default: <checkpoint dir>/analysis)")
+    analyze.add_argument("--probes", action="store_true",
+                         help="linear probes of the frozen per-modality encoders instead of Shapley values")
+    analyze.add_argument("--alone", nargs="+", metavar="MODALITY=CHECKPOINT",
+                         help="with --probes: checkpoints of the same model trained on that modality alone")
     analyze.set_defaults(handler=cmd_analyze)
 
     from msakit.robustness import DEFAULT_LEVELS, PROTOCOL_CHOICES
@@ -313,6 +354,14 @@ def build_parser() -> argparse.ArgumentParser:
     robust.add_argument("--out", help="folder for robustness.json/md/png (default: beside the checkpoint "
                         "or in the first run folder)")
     robust.set_defaults(handler=cmd_robustness)
+
+    compare = _subparser(commands, "compare", "compare finished runs: table, significance, curves")
+    compare.add_argument("runs", nargs="+", metavar="RUN_DIR", help="msakit train output folders")
+    compare.add_argument("--metric", help="test metric (default: non0_acc2 for MOSI-type data)")
+    compare.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples of the test set")
+    compare.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling")
+    compare.add_argument("--out", help="folder for compare.json/md and curves.png (default: RUN_DIR/../compare)")
+    compare.set_defaults(handler=cmd_compare)
 
     personality = _subparser(commands, "personality", "personality encoders for PSA-MF")
     personality_commands = personality.add_subparsers(dest="personality_command", required=True)

@@ -689,6 +689,11 @@ class MMCL(nn.Module):
 
     # ------------------------------------------------------------------ training (trainer hooks)
 
+    def modality_encoders(self) -> dict[str, nn.Module]:
+        """The per-modality part (msakit.probes): each modality's input projection; everything
+        after it (decoupling, attention, fusion) mixes modalities."""
+        return dict(zip(MODALITIES, self.projections, strict=True))
+
     def configure_optimizers(self, train_cfg) -> dict[str, torch.optim.Optimizer]:
         """Three Adam optimisers (release: lr 3e-4 each) over `optimizer_groups`."""
         return {

@@ -1,0 +1,135 @@
+"""Robustness of the model zoo to missing and noisy modalities, and the methods' ablation runs.
+
+    python benchmarks/robustness_zoo.py --dataset mosi-poria --data-root ../shared/data \
+        [--seeds 1 2] [--epochs 10] [--group zoo|ablations] [--only NAME ...] [--runs-dir runs/robustness]
+        [--levels 0 0.1 ... 0.9] [--protocols drop block missing noise conditions] [--corruption-seeds 1 2 3]
+
+Trains every entry of the group (its shipped config, the given seeds, at most --epochs epochs:
+reduced CPU runs, said in the report) into RUNS_DIR/<dataset>/<name> (an entry already finished
+there with the same config is reused; an interrupted one resumes), then
+
+- group zoo: `msakit.robustness` on the test split of every entry, protocols drop, block, missing,
+  noise and the six MMIN conditions, levels 0..0.9, corruption seeds 1 2 3, averaged over the
+  training seeds -> benchmarks/results/robustness_<dataset>.{md,json,png};
+- group ablations: the runs for `msakit compare` (a method and its switched-off variants, same
+  seeds); the README's ablation tables are `msakit compare` over these folders.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from results_store import update_json
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from msakit.config import build_config, load_yaml  # noqa: E402
+from msakit.robustness import format_report, plot_report, robustness_report, run_checkpoints  # noqa: E402
+from msakit.train.checkpoint import write_text  # noqa: E402
+from msakit.train.experiment import run_experiment  # noqa: E402
+
+ZOO = {  # name -> (config stem under configs/<model>/, extra overrides)
+    "unimodal_text": ("unimodal/{d}-text", []),
+    "lf_dnn": ("lf_dnn/{d}", []),
+    "tfn": ("tfn/{d}", []),
+    "lmf": ("lmf/{d}", []),
+    "mult": ("mult/{d}", []),
+    "misa": ("misa/{d}", []),
+    "self_mm": ("self_mm/{d}", []),
+    "bc_lstm": ("bc_lstm/{d}", []),
+    "mmcl": ("mmcl/{d}", []),
+    "lf_dnn_lnln_missing": ("lf_dnn/{d}", ["train.corruption.protocol=missing", "train.corruption.mode=random",
+                                           "train.corruption.rate=1.0"]),
+    "pase": ("pase/{d}", []),
+    "dbr": ("dbr/{d}", []),
+}
+ABLATIONS = {
+    "pase": ("pase/{d}", []),
+    "pase_no_sgm": ("pase/{d}", ["model.use_sgm=false"]),
+    "pase_no_cal": ("pase/{d}", ["model.use_cal=false"]),
+    "pase_no_pcl": ("pase/{d}", ["model.use_pcl=false"]),
+    "mmcl": ("mmcl/{d}", []),
+    "mmcl_no_policy": ("mmcl/{d}", ["model.use_policy=false"]),
+    "mmcl_no_intra": ("mmcl/{d}", ["model.use_intra_attention=false"]),
+    "mmcl_no_decoupling": ("mmcl/{d}", ["model.use_decoupling=false"]),
+    "dbr": ("dbr/{d}", []),
+    "dbr_no_tsf": ("dbr/{d}", ["model.use_tsf=false"]),
+    "dbr_no_agpr": ("dbr/{d}", ["model.use_agpr=false"]),
+    "dbr_no_brf": ("dbr/{d}", ["model.use_brf=false"]),
+    "dbr_no_borrowing": ("dbr/{d}", ["model.use_borrowing=false"]),
+}
+
+
+def train(name: str, stem: str, sets: list[str], args) -> Path:
+    path = ROOT / "configs" / f"{stem.format(d=args.dataset)}.yaml"
+    tree = load_yaml(path)
+    overrides = [f"data.name={args.dataset}", f"train.seeds=[{', '.join(map(str, args.seeds))}]",
+                 "train.progress=false", "train.num_threads=1", *sets]
+    if args.data_root:
+        overrides.append(f"data.data_root={args.data_root}")
+    cfg = build_config(tree, overrides)
+    cfg.train.epochs = min(cfg.train.epochs, args.epochs)
+    out = Path(args.runs_dir) / args.dataset / name
+    done = out / "results.json"
+    if done.is_file() and json.loads(done.read_text())["config"] == cfg.to_dict():
+        logging.info("%s: reusing %s", name, out)
+        return out
+    started = time.perf_counter()
+    run_experiment(cfg, out, resume=True)
+    write_text(json.dumps({"seconds": time.perf_counter() - started, "config": str(path), "sets": sets}) + "\n",
+               out / "benchmark.json")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--dataset", default="synthetic")
+    parser.add_argument("--data-root")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--group", choices=["zoo", "ablations"], default="zoo")
+    parser.add_argument("--only", nargs="+", help="entries to run (default: all of the group)")
+    parser.add_argument("--runs-dir", default=str(ROOT / "runs" / "robustness"))
+    parser.add_argument("--corruption-seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--levels", type=float, nargs="+", default=[0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
+    parser.add_argument("--protocols", nargs="+", default=["drop", "block", "missing", "noise", "conditions"])
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    entries = ZOO if args.group == "zoo" else ABLATIONS
+    names = args.only or list(entries)
+    protocols = [p for p in args.protocols if not (p == "block" and args.dataset == "mosi-poria")]  # length 1
+    results = ROOT / "benchmarks" / "results"
+    for name in names:
+        stem, sets = entries[name]
+        if not (ROOT / "configs" / f"{stem.format(d=args.dataset)}.yaml").is_file():
+            logging.info("%s: no config for %s, skipped", name, args.dataset)
+            continue
+        folder = train(name, stem, sets, args)
+        if args.group != "zoo":
+            continue
+        report = robustness_report({name: run_checkpoints(folder)}, protocols=protocols,
+                                   levels=args.levels, seeds=args.corruption_seeds)
+        run = report["runs"][name]
+        run["training"] = {"seeds": args.seeds, "max_epochs": args.epochs,
+                           **json.loads((folder / "benchmark.json").read_text())}
+        update_json(results / f"robustness_{args.dataset}.json",
+                    lambda current, name=name, report=report: {
+                        **current, "metric": report["metric"], "levels": report["levels"],
+                        "seeds": report["seeds"], "split": report["split"],
+                        "runs": {**current.get("runs", {}), name: report["runs"][name]}})
+    if args.group != "zoo":
+        return
+    combined = json.loads((results / f"robustness_{args.dataset}.json").read_text())
+    write_text(format_report(combined) + "\n", results / f"robustness_{args.dataset}.md")
+    plot_report(combined, results / f"robustness_{args.dataset}.png")
+    print(format_report(combined))
+
+
+if __name__ == "__main__":
+    main()
