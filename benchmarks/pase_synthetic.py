@@ -40,6 +40,7 @@ from msakit.data.synthetic import synthetic_oracle
 from msakit.metrics import format_table
 from msakit.registry import create_model
 from msakit.train.experiment import run_experiment
+from msakit.train.loop import build_optimizers, default_training_step
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = [
@@ -84,7 +85,12 @@ def run_model(name: str, sets: list[str], data, out: Path) -> dict:
         if "phase" in history[0]:
             phase2 = [r["epoch"] for r in history if r["phase"] == 2.0]
             last = history[-1]
+            # validation MAE: at the last phase-1 epoch, the best of phase 2, the last epoch
+            switch_mae = history[phase2[0] - 2]["valid_mae"] if phase2 else None
+            phase2_best = min((r["valid_mae"] for r in history[phase2[0] - 1:]), default=None) if phase2 else None
             switches.append({
+                "valid_at_switch": switch_mae, "valid_best_phase2": phase2_best,
+                "valid_last": last["valid_mae"],
                 "seed": seed,
                 "switch_epoch": phase2[0] - 1 if phase2 else None,
                 "best_epoch": next(r["best_epoch"] for r in results["per_seed"] if r["seed"] == seed),
@@ -98,18 +104,15 @@ def run_model(name: str, sets: list[str], data, out: Path) -> dict:
 def step_cost(data, steps: int) -> dict:
     """Median seconds of a phase-2 training step: plain (SGM off), SGM (phi from the epoch's psi),
     SGM with psi recomputed every step; the modes are interleaved step by step on one model."""
-    cfg = build_config({}, [*DATA, *PASE, "train.progress=false"])
+    cfg = build_config({}, [*DATA, *PASE, *train_settings(1, [1])])
     torch.manual_seed(0)
     model = create_model("pase", cfg.model, data.info)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    optimizers = build_optimizers(model, cfg)
     batches = list(to_loader(data.splits["train"], data.info, cfg.data.batch_size, shuffle=True, seed=0))
     batches = [b for b in batches if b.size == cfg.data.batch_size]
     model.train()
-    for batch in batches[:3]:  # initialise the prototypes, warm up
-        loss = sum(model(batch).losses.values())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    for i, batch in enumerate(batches[:3]):  # initialise the prototypes, warm up
+        default_training_step(model, batch, optimizers, cfg.train, (0, i))
     model.phase.fill_(2)
     model.update_shapley(batches[0])
     modes = {"plain": (False, "epoch", 0), "sgm": (True, "epoch", 0),
@@ -119,13 +122,8 @@ def step_cost(data, steps: int) -> dict:
         batch = batches[i % len(batches)]
         for mode, (use_sgm, update, samples) in modes.items():
             model.cfg.use_sgm, model.cfg.sgm_update, model.cfg.shapley_samples = use_sgm, update, samples
-            started = time.perf_counter()
-            loss = sum(model(batch).losses.values())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            model.on_after_backward(batch)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
+            started = time.perf_counter()  # the loop's own step: forward, backward, hooks, clip, step
+            default_training_step(model, batch, optimizers, cfg.train, (1, i))
             times[mode].append(time.perf_counter() - started)
     model.cfg.shapley_samples = 0
     shapley_times = []
@@ -191,13 +189,18 @@ def report(runs: dict, cost: dict, oracle: dict, args, seconds: float) -> str:
     lines += ["", "## PaSE phases", "",
               "switch = last epoch of phase 1 (None: phase 2 never began); psi/phi: the last epoch's "
               "Shapley values on the held training batch (utility -L1 loss) and SGM coefficients.", "",
-              "| model | seed | switch | best epoch | psi text/audio/vision | phi text/audio/vision |",
-              "|---|---:|---:|---:|---|---|"]
+              "Validation MAE: at the switch (last phase-1 epoch), the best of phase 2, the last epoch.", "",
+              "| model | seed | switch | best epoch | valid MAE switch / best ph.2 / last | psi text/audio/vision "
+              "| phi text/audio/vision |",
+              "|---|---:|---:|---:|---|---|---|"]
     for name, r in runs.items():
         for s in r["switches"]:
             psi = "/".join(f"{s[f'psi_{m}']:+.3f}" for m in MODALITIES)
             phi = "/".join(f"{s[f'phi_{m}']:.3f}" for m in MODALITIES)
-            lines.append(f"| {name} | {s['seed']} | {s['switch_epoch']} | {s['best_epoch']} | {psi} | {phi} |")
+            valid = " / ".join("-" if s[k] is None else f"{s[k]:.3f}"
+                               for k in ("valid_at_switch", "valid_best_phase2", "valid_last"))
+            lines.append(f"| {name} | {s['seed']} | {s['switch_epoch']} | {s['best_epoch']} | {valid} | {psi} "
+                         f"| {phi} |")
     lines.append("")
     for name, r in runs.items():
         if r["switches"]:
@@ -208,7 +211,8 @@ def report(runs: dict, cost: dict, oracle: dict, args, seconds: float) -> str:
     med = cost["median_s"]
     lines += ["", "## Cost of SGM per training step", "",
               f"Median over {cost['steps']} interleaved phase-2 steps (batch 64, same model and batches), "
-              "forward + backward + hook + clip + AdamW step:", "",
+              "the training loop's own step (forward + backward + hooks + clip + AdamW step; SGM damps "
+              "the update through per-modality learning rates):", "",
               "| step | median ms | ratio to plain |", "|---|---:|---:|",
               f"| plain (SGM off) | {1000 * med['plain']:.1f} | 1.00 |",
               f"| SGM (phi from the per-epoch psi) | {1000 * med['sgm']:.1f} | {cost['ratio_sgm']:.3f} |",

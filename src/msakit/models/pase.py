@@ -243,6 +243,9 @@ class MaskedSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         b, length, dim = x.shape
+        if length == 1:  # one frame: softmax over a single key is 1, attention = out(v)
+            v = F.linear(x, self.qkv.weight[2 * dim:], self.qkv.bias[2 * dim:])
+            return self.out(v)
         qkv = self.qkv(x).reshape(b, length, 3, self.heads, dim // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [B, H, L, D/H]
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
@@ -413,36 +416,48 @@ class PaSE(nn.Module):
     def fuse(self, streams: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> torch.Tensor:
         """Prototype-gated expert fusion and the head: streams [B, L_m, D] -> raw [B, output_dim].
         The gate reads the banks as they are (call BEFORE this batch's prototype update), with the
-        same rule in training and evaluation: it never sees a label."""
-        bank = self.prototypes.detach()  # [M, K, D]
-        ready = self.prototype_ready
+        same rule in training and evaluation: it never sees a label.
+        Streams of the same length are stacked along the batch ([n B, L, D]; all three on aligned
+        or utterance-level data), so each expert runs once per layer on them; this equals running
+        every (stream, expert) pair separately (nothing is padded)."""
+        size = next(iter(streams.values())).shape[0]
+        groups: dict[int, list[str]] = {}
+        for m in MODALITIES:
+            groups.setdefault(streams[m].shape[1], []).append(m)
+        z = {length: torch.cat([streams[m] for m in ms]) for length, ms in groups.items()}  # [nB, L, D]
+        mask = {length: torch.cat([masks[m] for m in ms]) for length, ms in groups.items()}
         for layer, router in zip(self.experts, self.routers, strict=True):
-            new_streams = {}
-            for m in MODALITIES:
-                z = streams[m]
-                outs = torch.stack([layer[j](z, masks[m]) for j in MODALITIES], dim=2)  # [B, L, 3, D]
-                weights = torch.softmax(router(z), dim=-1)  # [B, L, 3]
-                if self.gate is not None:
-                    cos = self.gate_similarity(outs, bank, ready)  # [B, L, 3]
-                    gate = torch.sigmoid(self.gate(cos.unsqueeze(-1))).squeeze(-1)
-                    weights = weights * gate
-                    weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-8)
-                new_streams[m] = z + (weights.unsqueeze(-1) * outs).sum(dim=2)  # [B, L, D]
-            streams = new_streams
-        fused = torch.cat([masked_mean(streams[m], masks[m]) for m in MODALITIES], dim=-1)  # [B, 3D]
+            z = {length: self.mix(layer, router, z[length], mask[length]) for length in groups}
+        pooled = {}
+        for length, ms in groups.items():
+            pooled.update(zip(ms, masked_mean(z[length], mask[length]).split(size), strict=True))
+        fused = torch.cat([pooled[m] for m in MODALITIES], dim=-1)  # [B, 3D]
         fused = fused + self.fusion_dropout(F.relu(self.fusion_proj(fused)))
         return self.head(fused)
 
+    def mix(self, layer: nn.ModuleDict, router: nn.Module, z: torch.Tensor, mask: torch.Tensor
+            ) -> torch.Tensor:
+        """One fusion layer: z + sum_j w_j E_j(z), w = softmax(router(z)) times the prototype gate,
+        renormalised over the experts. z [N, L, D], mask [N, L] -> [N, L, D]."""
+        outs = [layer[j](z, mask) for j in MODALITIES]  # 3 x [N, L, D]
+        weights = torch.softmax(router(z), dim=-1)  # [N, L, 3]
+        if self.gate is not None:
+            cos = self.gate_similarity(outs, self.prototypes.detach(), self.prototype_ready)  # [N, L, 3]
+            weights = weights * torch.sigmoid(self.gate(cos.unsqueeze(-1))).squeeze(-1)
+            weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-8)
+        return z + sum(weights[..., j, None] * out for j, out in enumerate(outs))
+
     @staticmethod
-    def gate_similarity(outs: torch.Tensor, bank: torch.Tensor, ready: torch.Tensor) -> torch.Tensor:
+    def gate_similarity(outs: list[torch.Tensor], bank: torch.Tensor, ready: torch.Tensor) -> torch.Tensor:
         """cos(expert j's output, modality j's most similar prototype) per token, the highest
-        cosine over the initialised prototypes (0 while none is): outs [B, L, 3, D] -> [B, L, 3]."""
+        cosine over the initialised prototypes (0 while none is): outs 3 x [N, L, D], bank
+        [3, K, D], ready [K] -> [N, L, 3]."""
         if not bool(ready.any()):
-            return outs.new_zeros(outs.shape[:-1])
-        unit = F.normalize(outs, dim=-1)
+            return outs[0].new_zeros(*outs[0].shape[:-1], len(outs))
         protos = F.normalize(bank[:, ready], dim=-1)  # [3, K_ready, D]
-        cos = torch.einsum("bljd,jkd->bljk", unit, protos)  # [B, L, 3, K_ready]
-        return cos.amax(dim=-1)
+        cos = [(out @ protos[j].T).amax(dim=-1) / out.norm(dim=-1).clamp_min(1e-12)  # [N, L]
+               for j, out in enumerate(outs)]
+        return torch.stack(cos, dim=-1)
 
     # ------------------------------------------------------------------ prototypes
 
