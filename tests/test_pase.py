@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from fakes import make_data, run_interrupted
 
 from msakit.analysis import mask_modalities, modality_contributions, subset_predictions
@@ -17,8 +18,10 @@ from msakit.batch import MODALITIES, Batch
 from msakit.cli import main
 from msakit.config import build_config
 from msakit.data import to_loader
-from msakit.models.pase import PaSE, PaSEConfig
+from msakit.models.pase import MaskedSelfAttention, PaSE, PaSEConfig, alignment_loss, info_nce
+from msakit.modules.pooling import masked_mean
 from msakit.modules.shapley import shapley_values, subset_masks
+from msakit.modules.sinkhorn import sinkhorn
 from msakit.registry import create_model
 from msakit.train.experiment import run_experiment
 from msakit.train.loop import build_optimizer, default_training_step
@@ -475,3 +478,193 @@ def test_gate_reads_the_banks_and_trains_once_they_exist():
     model.zero_grad(set_to_none=True)
     sum(model(second).losses.values()).backward()
     assert float(model.gate[0].weight.grad.abs().sum()) > 0
+
+
+# ----------------------------------------------------------------------------- mechanisms, pinned
+
+
+def test_info_nce_is_the_hand_computed_prototype_cross_entropy():
+    h = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
+    protos = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    target = torch.tensor([0, 1, 2])
+    valid = torch.tensor([True, True, False])  # class 2 unseen: out of the softmax and the mean
+    cos = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # samples 0 and 1 against classes 0, 1
+    expected = -torch.log_softmax(cos / 0.5, dim=-1)[[0, 1], [0, 1]].mean()
+    torch.testing.assert_close(info_nce(h, protos, target, valid, tau=0.5), expected)
+
+
+def test_alignment_loss_is_match_plus_weighted_reg_and_omega():
+    torch.manual_seed(0)
+    p, q = torch.randn(2, 4, 3), torch.randn(2, 4, 3)
+    loss = alignment_loss(p, q, epsilon=0.1, iters=200, reg_weight=0.3, omega_weight=0.7)
+    for i in range(2):
+        cost = torch.cdist(F.normalize(p[i], dim=-1), F.normalize(q[i], dim=-1)).pow(2)
+        plan_pq, plan_qp = sinkhorn(cost, 0.1, max_iter=200), sinkhorn(cost.T, 0.1, max_iter=200)
+        match = 0.5 * ((plan_pq * cost).sum() + (plan_qp * cost.T).sum())
+        reg = (plan_pq - plan_qp.T).pow(2).sum()
+        eye = torch.eye(4) / 4
+        omega = 0.5 * ((plan_pq - eye).pow(2).sum() + (plan_qp - eye).pow(2).sum())
+        torch.testing.assert_close(loss[i], match + 0.3 * reg + 0.7 * omega, rtol=1e-4, atol=1e-6)
+    same = alignment_loss(p, p.clone(), epsilon=0.01, iters=500, reg_weight=0.1, omega_weight=0.05)
+    assert float(same.max()) < 0.02  # matched classes: the plan is ~I/K, no cost, Omega ~0
+
+
+def test_batch_prototypes_mix_the_detached_bank_with_the_batch_mean():
+    model, _ = build("classification", dropout=0.0)
+    model.prototypes.normal_()
+    model.prototype_ready.copy_(torch.tensor([True, False, True]))
+    pooled = {m: torch.randn(4, model.cfg.hidden, requires_grad=True) for m in MODALITIES}
+    classes = torch.tensor([0, 0, 1, 1])  # class 0 ready, class 1 new, class 2 absent
+    out = model.batch_prototypes(pooled, classes)
+    for i, m in enumerate(MODALITIES):
+        torch.testing.assert_close(out[i, 0], 0.98 * model.prototypes[i, 0] + 0.02 * pooled[m][:2].mean(0))
+        torch.testing.assert_close(out[i, 1], pooled[m][2:].mean(0))
+        torch.testing.assert_close(out[i, 2], model.prototypes[i, 2])
+    out[0, 0].sum().backward()  # the gradient flows into the batch mean only
+    torch.testing.assert_close(pooled["text"].grad[:2], torch.full((2, model.cfg.hidden), 0.01))
+    assert float(pooled["text"].grad[2:].abs().sum()) == 0.0
+    assert not model.prototypes.requires_grad
+    torch.testing.assert_close(model.batch_prototypes(pooled, None), model.prototypes)  # evaluation
+
+
+def test_gate_similarity_is_each_experts_best_cosine_to_its_own_modalitys_ready_prototypes():
+    bank = torch.zeros(3, 3, 2)
+    bank[0] = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    bank[1] = torch.tensor([[0.0, -1.0], [0.0, 1.0], [1.0, 0.0]])
+    bank[2] = torch.tensor([[1.0, 1.0], [5.0, 0.0], [-1.0, -1.0]])
+    ready = torch.tensor([True, False, True])
+    out = torch.tensor([[[0.0, 3.0]]])  # one token [1, 1, 2], the same output for each expert
+    cos = PaSE.gate_similarity([out, out, out], bank, ready)
+    # expert 0: modality 0's ready prototypes (1,0), (-1,0): best 0; expert 1: (0,-1), (1,0): 0;
+    # expert 2: (1,1), (-1,-1): 1/sqrt 2 (the unready (5,0) would give 0)
+    torch.testing.assert_close(cos, torch.tensor([[[0.0, 0.0, 2 ** -0.5]]]))
+    cos = PaSE.gate_similarity([out, -out, out], bank, torch.tensor([True, True, True]))
+    torch.testing.assert_close(cos, torch.tensor([[[1.0, 1.0, 2 ** -0.5]]]))
+    assert PaSE.gate_similarity([out] * 3, bank, torch.zeros(3, dtype=torch.bool)).abs().sum() == 0
+
+
+def test_mix_is_the_router_and_gate_weighted_sum_of_the_experts():
+    for gate in (False, True):
+        model, data = build("regression", dropout=0.0, use_prototype_gate=gate)
+        model.train()
+        model(batches(data, 16)[0])  # banks ready
+        model.eval()
+        torch.manual_seed(1)
+        z, mask = torch.randn(4, 5, model.cfg.hidden), torch.ones(4, 5, dtype=torch.bool)
+        mask[0, 3:] = False
+        layer, router = model.experts[0], model.routers[0]
+        with torch.no_grad():
+            outs = [layer[j](z, mask) for j in MODALITIES]
+            weights = torch.softmax(router(z), dim=-1)
+            if gate:
+                cos = model.gate_similarity(outs, model.prototypes, model.prototype_ready)
+                weights = weights * torch.sigmoid(model.gate(cos.unsqueeze(-1))).squeeze(-1)
+                weights = weights / weights.sum(-1, keepdim=True)
+            expected = z + sum(weights[..., j, None] * outs[j] for j in range(3))
+            torch.testing.assert_close(model.mix(layer, router, z, mask), expected)
+            # the router reads z: other inputs, other weights
+            assert not torch.allclose(torch.softmax(router(z), -1), torch.softmax(router(2 * z), -1))
+
+
+def test_fusion_equals_running_each_stream_alone():
+    """Streams of one length share expert calls; the result must equal per-stream mixing."""
+    model, data = build("regression", dropout=0.0)
+    model.train()
+    model(batches(data, 16)[0])
+    model.eval()
+    batch = batches(data, 16, "valid")[0]
+    masks = {m: batch.mask(m) for m in MODALITIES}
+    with torch.no_grad():
+        streams = {m: model.encode(batch.features(m), m) for m in MODALITIES}
+        pooled = []
+        for m in MODALITIES:
+            z = streams[m]
+            for layer, router in zip(model.experts, model.routers, strict=True):
+                z = model.mix(layer, router, z, masks[m])
+            pooled.append(masked_mean(z, masks[m]))
+        fused = torch.cat(pooled, -1)
+        expected = model.head(fused + F.relu(model.fusion_proj(fused)))
+        torch.testing.assert_close(model.fuse(streams, masks), expected, rtol=1e-5, atol=1e-6)
+        same = {m: streams["text"] for m in MODALITIES}  # equal lengths: one stacked call
+        text_mask = {m: masks["text"] for m in MODALITIES}
+        together = model.fuse(same, text_mask)
+        pooled = []
+        for _ in MODALITIES:
+            z = streams["text"]
+            for layer, router in zip(model.experts, model.routers, strict=True):
+                z = model.mix(layer, router, z, masks["text"])
+            pooled.append(masked_mean(z, masks["text"]))
+        fused = torch.cat(pooled, -1)
+        torch.testing.assert_close(together, model.head(fused + F.relu(model.fusion_proj(fused))),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_single_frame_attention_is_the_value_projection():
+    attention = MaskedSelfAttention(8, 2)
+    x = torch.randn(3, 1, 8)
+    with torch.no_grad():
+        qkv = attention.qkv(x).reshape(3, 1, 3, 2, 4).permute(2, 0, 3, 1, 4)
+        full = F.scaled_dot_product_attention(*qkv, attn_mask=torch.ones(3, 1, 1, 1, dtype=torch.bool))
+        expected = attention.out(full.transpose(1, 2).reshape(3, 1, 8))
+        torch.testing.assert_close(attention(x, torch.ones(3, 1, dtype=torch.bool)), expected)
+
+
+@pytest.mark.parametrize("term", ["task", "pcl", "cal", "unimodal"])
+def test_each_loss_term_decreases_when_optimised_alone(term):
+    model, data = build("classification", dropout=0.0)
+    model.train()
+    batch = batches(data, 24)[0]
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    values = []
+    for _ in range(15):
+        loss = model(batch).losses[term]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        values.append(float(loss.detach()))
+    assert values[-1] < 0.8 * values[1], values  # from the 2nd pass: banks initialised in the 1st
+
+
+def test_phase_two_drops_the_unimodal_term_and_starts_sgm_only_then():
+    model, data = build("regression")
+    batch = batches(data)[0]
+    assert "unimodal" in model(batch).losses and not model.sgm_active() and model.update_scales() == {}
+    model.phi.copy_(torch.tensor([0.5, 1.0, 1.0]))
+    model.phase.fill_(2)
+    assert "unimodal" not in model(batch).losses and model.sgm_active()
+    assert model.update_scales()["text"] == 0.5
+
+
+@pytest.mark.parametrize("flag", ["use_pcl", "use_cal", "use_prototype_gate", "use_unimodal_heads", "use_sgm"])
+def test_each_ablation_switch_removes_its_component(flag):
+    """From the same weights and batch, one loop step with the switch off: its loss term /
+    parameters are gone and the resulting model predicts differently."""
+    cfg = build_config({"model": {"name": "pase"}}, ["train.lr=0.01"])
+    full, data = build("regression", dropout=0.0)
+    batch = batches(data, 16)[0]
+    full.train()
+    full(batch)  # banks ready, so the gate is live
+    if flag == "use_sgm":
+        full.phase.fill_(2)
+        full.phi.copy_(torch.tensor([0.3, 1.0, 1.0]))
+    ablated = create_model("pase", dataclasses.replace(full.cfg, **{flag: False}), data.info)
+    missing, unexpected = ablated.load_state_dict(full.state_dict(), strict=False)
+    assert not missing
+    prefix = {"use_prototype_gate": "gate.", "use_unimodal_heads": "unimodal_heads."}.get(flag)
+    if prefix:
+        assert unexpected and all(k.startswith(prefix) for k in unexpected)
+        assert not any(n.startswith(prefix) for n, _ in ablated.named_parameters())
+    else:
+        assert not unexpected
+    term = {"use_pcl": "pcl", "use_cal": "cal", "use_unimodal_heads": "unimodal"}.get(flag)
+    eval_batch = batches(data, 16, "valid")[0]
+    predictions = []
+    for model in (full, ablated):
+        model.train()
+        if term:
+            assert (term in model(batch).losses) == (model is full)
+        default_training_step(model, batch, {"main": build_optimizer(model, cfg)}, cfg.train, (1, 1))
+        model.eval()
+        with torch.no_grad():
+            predictions.append(model(eval_batch).prediction)
+    assert not torch.allclose(predictions[0], predictions[1], atol=1e-5)
