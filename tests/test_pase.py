@@ -467,7 +467,13 @@ def test_update_scales_damp_exactly_the_own_groups_for_one_step():
         factor = factors.get(own.get(id(p)), 1.0)
         torch.testing.assert_close(deltas[True][name], factor * deltas[False][name],
                                    rtol=1e-4, atol=1e-7, msg=name)  # float rounding of p + delta
-    assert "projections.text.weight" in deltas[True] and "experts.0.vision.mlp.0.weight" in deltas[True]
+    # SGM's set for a modality: its projection, its expert in every layer, its unimodal head; nothing else
+    names = {id(p): n for n, p in model.named_parameters()}
+    for m, params in model.own_parameters().items():
+        expected = {n for n, _ in model.named_parameters()
+                    if n.startswith((f"projections.{m}.", f"unimodal_heads.{m}."))
+                    or (n.startswith("experts.") and n.split(".")[2] == m)}
+        assert {names[id(p)] for p in params} == expected, m
 
 
 def test_gate_reads_the_banks_and_trains_once_they_exist():
