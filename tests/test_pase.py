@@ -675,3 +675,14 @@ def test_each_ablation_switch_removes_its_component(flag):
         with torch.no_grad():
             predictions.append(model(eval_batch).prediction)
     assert not torch.allclose(predictions[0], predictions[1], atol=1e-5)
+
+
+def test_unimodal_term_is_the_sum_of_each_heads_loss_on_its_own_modality():
+    model, data = build("regression", dropout=0.0)
+    batch = batches(data, 16)[0]
+    h = pooled(model, batch)
+    expected = sum(float(torch.nn.functional.l1_loss(model.unimodal_heads[m](h[m]).squeeze(-1), batch.labels))
+                   for m in MODALITIES)
+    model.eval()
+    with torch.no_grad():
+        assert float(model(batch).losses["unimodal"]) == pytest.approx(expected, rel=1e-5)
