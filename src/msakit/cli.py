@@ -1,4 +1,4 @@
-"""Command line: `msakit train | eval | analyze | robustness | compare | personality fit | list-models |
+"""Command line: `msakit train | eval | analyze | robustness | compare | extract | predict | personality fit | list-models |
 list-datasets`.
 
 Every command is also callable in-process as `main([...])` (tests do so); errors in the user's
@@ -16,6 +16,7 @@ from pathlib import Path
 from msakit import __version__
 from msakit.config import ConfigError, build_config, load_yaml
 from msakit.data import DataError, list_datasets
+from msakit.media import MediaError
 from msakit.metrics import format_table
 from msakit.registry import list_models
 from msakit.train.checkpoint import CheckpointError
@@ -24,7 +25,8 @@ from msakit.train.runfolder import RunFolderError, resume_tree
 
 log = logging.getLogger("msakit")
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingError, RunFolderError, OSError, MemoryError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingError, RunFolderError, MediaError, OSError,
+               MemoryError)
 
 REGRESSION_KEYS = ["mae", "corr", "acc7", "acc5", "has0_acc2", "has0_f1", "non0_acc2", "non0_f1"]
 
@@ -214,6 +216,37 @@ def _probes(args: argparse.Namespace, out: Path) -> int:
     return 0
 
 
+def cmd_extract(args: argparse.Namespace) -> int:
+    from msakit.media import MediaConfig, extract_dataset
+
+    cfg = MediaConfig(audio=args.audio, vision=args.vision, expressions=not args.no_expressions,
+                      vision_fps=args.fps, text_encoder=args.text_encoder, aligned=args.aligned)
+    summary = extract_dataset(args.videos, args.out, cfg, labels=args.labels, transcripts=args.transcripts,
+                              workers=args.workers, bad_clips=args.bad_clips, progress=not args.quiet)
+    for entry in summary["bad"]:
+        print(f"bad clip {entry['id']}: {entry['reason']} ({entry['action']})")
+    masked = ", ".join(f"{m} {n}" for m, n in summary["masked"].items() if n) or "none"
+    splits = ", ".join(f"{s} {n}" for s, n in summary["splits"].items())
+    print(f"{summary['clips']} clips: {summary['kept']} written ({splits}), {summary['dropped']} left out, "
+          f"masked modalities: {masked}; {summary['video_s']:.1f} s of media")
+    print(f"wrote {summary['out']}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import json
+
+    from msakit.predict import format_prediction, load_predictor, predict_clip
+
+    model, info, _, extractor = load_predictor(args.checkpoint)
+    results = [predict_clip(model, info, extractor, video, args.transcript) for video in args.videos]
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print("\n".join(format_prediction(r) for r in results))
+    return 0
+
+
 def cmd_list_models(args: argparse.Namespace) -> int:
     for name, summary in list_models().items():
         print(f"{name:16s} {summary}")
@@ -362,6 +395,31 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling")
     compare.add_argument("--out", help="folder for compare.json/md and curves.png (default: RUN_DIR/../compare)")
     compare.set_defaults(handler=cmd_compare)
+
+
+    extract = commands.add_parser("extract", help="features of raw clips -> an MMSA pickle (msakit.media)")
+    extract.add_argument("--videos", required=True, help="folder of clips, or a CSV with a path column")
+    extract.add_argument("--out", required=True, help="the MMSA pickle to write")
+    extract.add_argument("--labels", help="CSV id,label[,split]")
+    extract.add_argument("--transcripts", help="CSV id,text (else speech recognition)")
+    extract.add_argument("--audio", default="librosa", choices=["librosa", "opensmile", "none"])
+    extract.add_argument("--vision", default="mediapipe", choices=["mediapipe", "none"])
+    extract.add_argument("--no-expressions", action="store_true", help="no fer expression probabilities")
+    extract.add_argument("--fps", type=float, default=10.0, help="video frames sampled per second")
+    extract.add_argument("--text-encoder", default="minilm", help="minilm, tiny or a local model folder")
+    extract.add_argument("--aligned", action="store_true", help="word-level alignment (ASR word times)")
+    extract.add_argument("--workers", type=int, default=1, help="processes")
+    extract.add_argument("--bad-clips", default="drop", choices=["drop", "mask"],
+                         help="leave bad clips out, or keep them with the bad modality masked")
+    extract.add_argument("--quiet", action="store_true", help="no progress bar")
+    extract.set_defaults(handler=cmd_extract)
+
+    predict = commands.add_parser("predict", help="sentiment of new clips from a checkpoint")
+    predict.add_argument("--checkpoint", required=True)
+    predict.add_argument("videos", nargs="+", metavar="VIDEO")
+    predict.add_argument("--transcript", help="use this transcript instead of speech recognition")
+    predict.add_argument("--json", action="store_true", help="print JSON")
+    predict.set_defaults(handler=cmd_predict)
 
     personality = _subparser(commands, "personality", "personality encoders for PSA-MF")
     personality_commands = personality.add_subparsers(dest="personality_command", required=True)

@@ -48,6 +48,9 @@ class DataConfig(Validated, section="data"):
     batch_size: int = 32
     valid_fraction: float = field(default=0.15, metadata=bounds(above=0, below=1))
     """mosi-poria: share of Poria's training VIDEOS held out as the validation split."""
+    text_encoder: str = "minilm"
+    """mosi-text / mosei-text: encoder of the frozen sentence-embedding text features ("minilm",
+    "tiny", a local model folder, or "none" for no text features)."""
     split_seed: int = field(default=0, metadata=bounds(0, MAX_SEED))
     """Seed of data-side randomness (validation carve-out, synthetic data); fixed across training seeds."""
     padding: str = "auto"
@@ -58,6 +61,8 @@ class DataConfig(Validated, section="data"):
     def __post_init__(self) -> None:
         if self.padding not in ("auto", "start", "end"):
             raise ConfigError(f"data.padding must be auto, start or end, got {short_repr(self.padding)}")
+        if not self.text_encoder.strip():
+            raise ConfigError("data.text_encoder: give 'minilm', 'tiny', 'none' or a local model folder")
         if self.data_root is None:
             self.data_root = os.environ.get("MSAKIT_DATA") or None
 
@@ -252,6 +257,13 @@ def load_yaml(path: str | Path) -> dict:
     return tree
 
 
+def _dataset_default_model(tree: dict) -> str | None:
+    from msakit.data import default_model
+
+    data = tree.get("data")
+    return default_model(str(data.get("name"))) if isinstance(data, dict) and data.get("name") else None
+
+
 def build_config(tree: dict | None = None, overrides: list[str] = ()) -> ExperimentConfig:
     """Build an ExperimentConfig from a (YAML) tree and `a.b=value` overrides, strictly."""
     tree = dict(tree or {})
@@ -264,7 +276,7 @@ def build_config(tree: dict | None = None, overrides: list[str] = ()) -> Experim
     if not isinstance(tree.get("model") or {}, dict):
         raise ConfigError(f"model: expected a mapping, got {short_repr(tree['model'])}")
     model_tree = dict(tree.get("model") or {})
-    name = model_tree.pop("name", DEFAULT_MODEL)
+    name = model_tree.pop("name", None) or _dataset_default_model(tree) or DEFAULT_MODEL
     if not isinstance(name, str):
         raise ConfigError(f"model.name: expected a string, got {short_repr(name)}")
     try:

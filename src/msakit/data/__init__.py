@@ -24,13 +24,19 @@ if TYPE_CHECKING:
 
 _LOADERS: dict[str, Callable[[DataConfig], MultimodalData]] = {}
 _DESCRIPTIONS: dict[str, str] = {}
+_DEFAULT_MODELS: dict[str, str] = {}
 
 
-def register_dataset(name: str):
+def register_dataset(name: str, default_model: str | None = None):
+    """Register a loader; `default_model` is the model `msakit train --dataset NAME` trains when
+    no model is named."""
+
     def decorator(fn: Callable[[DataConfig], MultimodalData]):
         if name in _LOADERS:
             raise ValueError(f"dataset {name!r} registered twice")
         _LOADERS[name] = fn
+        if default_model:
+            _DEFAULT_MODELS[name] = default_model
         _DESCRIPTIONS[name] = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
         return fn
 
@@ -40,6 +46,11 @@ def register_dataset(name: str):
 def list_datasets() -> dict[str, str]:
     """name -> one-line description."""
     return dict(sorted(_DESCRIPTIONS.items()))
+
+
+def default_model(dataset: str) -> str | None:
+    """The model a dataset names as its default, or None."""
+    return _DEFAULT_MODELS.get(dataset)
 
 
 def load_dataset(cfg: DataConfig) -> MultimodalData:
@@ -62,13 +73,14 @@ def load_dataset(cfg: DataConfig) -> MultimodalData:
         raise DataError(f"{source}: unexpected content ({type(e).__name__}: {detail})") from None
 
 
-from msakit.data import mintrec, mmsa, mosi_poria, mult, synthetic  # noqa: E402, F401  (registration)
+from msakit.data import cmu_text, mintrec, mmsa, mosi_poria, mult, synthetic  # noqa: E402, F401  (registration)
 
 __all__ = [
     "DataError",
     "DatasetInfo",
     "MultimodalData",
     "SplitArrays",
+    "default_model",
     "list_datasets",
     "load_dataset",
     "register_dataset",

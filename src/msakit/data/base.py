@@ -56,6 +56,10 @@ class DatasetInfo:
     class_names: tuple[str, ...] = ()
     train_size: int = 0
     """Number of training samples (models with per-sample memory, e.g. Self-MM, size buffers by it)."""
+    extraction: dict | None = None
+    """How the features were computed from raw media (`msakit extract` settings, or the text
+    recipe of mosi-text / mosei-text), JSON-ready; None when they cannot be reproduced from raw
+    media (e.g. mosi-poria). `msakit predict` reruns it; it travels in every checkpoint."""
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -91,6 +95,7 @@ class DatasetInfo:
             "label_range": list(self.label_range) if self.label_range else None,
             "class_names": list(self.class_names),
             "train_size": self.train_size,
+            "extraction": self.extraction,
         }
 
     @classmethod

@@ -32,10 +32,13 @@ key "msakit" holding a dict with any of
     num_classes   K for classification (default: largest label + 1)
     class_names   names of the K classes
     notes         list of strings copied into MultimodalData.notes (e.g. the synthetic oracle)
+    extraction    how the features were computed from raw media (`msakit extract`); copied into
+                  DatasetInfo.extraction so that checkpoints carry it (`msakit predict` reruns it)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -279,6 +282,8 @@ def read_mmsa(
             metric_family="sims" if sims else "mosi",
             label_range=(-1.0, 1.0) if sims else (-3.0, 3.0),
         )
+    if isinstance(meta.get("extraction"), dict):
+        info = dataclasses.replace(info, extraction=meta["extraction"])
     notes += [str(note) for note in meta.get("notes", [])]
     return validate(MultimodalData(info=info, splits=splits, source=str(path), notes=notes))
 
