@@ -97,6 +97,13 @@ class TrainConfig(Validated, section="train"):
     corruption: CorruptionConfig = field(default_factory=CorruptionConfig)
     """Robust training: corrupt the training batches (msakit.corruption; e.g.
     `train.corruption.protocol=missing train.corruption.mode=random train.corruption.rate=1`)."""
+    precision: str | int = "32"
+    """"32", "bf16" or "16": autocast dtype of the forward pass (losses and metrics stay float32;
+    "16" adds a gradient scaler). bf16 also runs on CPU; see msakit/train/precision.py."""
+    grad_accumulation: int = 1
+    """Sum the gradients of this many batches before each optimiser step."""
+    compile: bool = False
+    """Run the training forward through torch.compile (a C++ compiler on CPU; GPUs benefit most)."""
 
     def __post_init__(self) -> None:
         if not DEVICE_PATTERN.fullmatch(self.device):
@@ -112,6 +119,11 @@ class TrainConfig(Validated, section="train"):
             raise ConfigError(f"train.seeds names seed {repeated[0]} twice; each seed runs once")
         if self.patience < 1:
             raise ConfigError(f"train.patience must be >= 1, got {self.patience}")
+        self.precision = str(self.precision)  # `train.precision=32` arrives as an integer
+        if self.precision not in ("32", "bf16", "16"):
+            raise ConfigError(f"train.precision must be 32, bf16 or 16, got {self.precision!r}")
+        if self.grad_accumulation < 1:
+            raise ConfigError("train.grad_accumulation must be >= 1")
 
 
 @dataclass

@@ -20,6 +20,7 @@ Batch transforms: `train.corruption` (msakit.corruption) corrupts each training 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -50,6 +51,7 @@ from msakit.train.checkpoint import (
     write_json,
     write_text,
 )
+from msakit.train.precision import Precision
 from msakit.train.runfolder import check_checkpoint, data_fingerprint
 
 log = logging.getLogger(__name__)
@@ -205,38 +207,61 @@ def _check_finite(losses: dict[str, torch.Tensor], epoch: int, step: int) -> Non
         )
 
 
-def scaled_step(optimizer: torch.optim.Optimizer, scales: dict[str, float]) -> None:
-    """optimizer.step() with the lr of each param group whose "name" is in `scales` multiplied
-    by that factor for this step only."""
+def scaled_step(optimizer: torch.optim.Optimizer, scales: dict[str, float], step=None) -> None:
+    """optimizer.step() (or `step(optimizer)`, e.g. through a grad scaler) with the lr of each
+    param group whose "name" is in `scales` multiplied by that factor for this step only."""
     saved = [(group, group["lr"]) for group in optimizer.param_groups if group.get("name") in scales]
     for group, lr in saved:
         group["lr"] = lr * scales[group["name"]]
     try:
-        optimizer.step()
+        step(optimizer) if step is not None else optimizer.step()
     finally:
         for group, lr in saved:
             group["lr"] = lr
 
 
 def default_training_step(
-    model: nn.Module, batch: Batch, optimizers: dict[str, torch.optim.Optimizer], train_cfg, where
+    model: nn.Module, batch: Batch, optimizers: dict[str, torch.optim.Optimizer], train_cfg, where,
+    amp: Precision | None = None, window: tuple[int, int] = (0, 1), forward: nn.Module | None = None,
 ) -> ModelOutput:
-    """forward -> check the summed loss is finite -> backward -> hook -> clip -> (scaled) step."""
-    out = model(batch)
-    if not out.losses:
-        raise TrainingError("the model returned no loss terms")
-    _check_finite(out.losses, *where)
-    for optimizer in optimizers.values():
-        optimizer.zero_grad(set_to_none=True)
-    sum(out.losses.values()).backward()
+    """forward (autocast) -> float32 losses, finite check -> backward of loss / window size; on
+    the window's last batch: unscale -> hook -> clip -> step. `window` = (position, size) of this
+    batch in its gradient-accumulation window; `forward` runs the batch (a compiled or DDP
+    wrapper of `model`; default `model`)."""
+    amp = amp or Precision("32", batch.labels.device)
+    position, size = window
+    last = position + 1 == size
+    no_sync = getattr(forward, "no_sync", None)  # DDP: all-reduce only on the window's last batch
+    with no_sync() if no_sync is not None and not last else contextlib.nullcontext():
+        with amp.autocast():
+            out = (forward or model)(batch)
+        if not out.losses:
+            raise TrainingError("the model returned no loss terms")
+        out.losses = {k: v.float() for k, v in out.losses.items()}
+        _check_finite(out.losses, *where)
+        if position == 0:
+            for optimizer in optimizers.values():
+                optimizer.zero_grad(set_to_none=True)
+        amp.backward(sum(out.losses.values()) / size)
+    if not last:
+        return out
+    amp.unscale(optimizers)
     if hasattr(model, "on_after_backward"):
         model.on_after_backward(batch)
     if train_cfg.grad_clip > 0:
         nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
     scales = model.update_scales() if hasattr(model, "update_scales") else {}
     for optimizer in optimizers.values():
-        scaled_step(optimizer, scales)
+        scaled_step(optimizer, scales, amp.step_optimizer)
+    amp.update()
     return out
+
+
+def _accumulation_windows(batches: int, size: int):
+    """(position, window size) of each batch; the epoch's last window may be shorter."""
+    for i in range(batches):
+        start = i - i % size
+        yield i - start, min(size, batches - start)
 
 
 def checkpoint_state(cfg: ExperimentConfig, info: DatasetInfo, seed: int, **extra) -> dict:
@@ -254,11 +279,17 @@ def fit(
     run_dir: str | Path,
     resume: bool = False,
     fingerprint: dict | None = None,
+    test: bool = True,
+    on_epoch: Callable[[int, float], None] | None = None,
 ) -> SeedResult:
     """Train one seed; select on validation; evaluate test once. Writes into `run_dir`:
     last.pt (resumable state, every epoch), best.pt (selected model), log.jsonl (per epoch),
     predictions_test.csv, metrics.json. Checkpoints record the seed and the data's `fingerprint`
-    (`runfolder.data_fingerprint`); a resume from a last.pt that does not match is refused."""
+    (`runfolder.data_fingerprint`); a resume from a last.pt that does not match is refused.
+
+    test=False never reads the test split (hyper-parameter search: `SeedResult.test` is empty);
+    on_epoch(epoch, validation selection value) runs after each epoch's checkpoint (a tuner
+    reports to its pruner there and may raise to stop the run)."""
     run_dir = Path(run_dir)
     fingerprint = fingerprint or data_fingerprint(data)
     info, train_cfg = data.info, cfg.train
@@ -268,6 +299,11 @@ def fit(
     model = create_model(cfg.model_name, cfg.model, info).to(device)
     optimizers = build_optimizers(model, cfg)
     schedulers = build_schedulers(optimizers, cfg, mode)
+    step = getattr(model, "training_step", None)
+    if step is not None:
+        _refuse_for_custom_step(cfg)
+    amp = Precision(train_cfg.precision, device)
+    forward = torch.compile(model) if train_cfg.compile else model
 
     start_epoch, best_value, best_epoch, bad_epochs, history = 0, None, -1, 0, []
     best_state = _state_copy(model)
@@ -281,6 +317,7 @@ def fit(
         for name, scheduler in schedulers.items():
             scheduler.load_state_dict(state["schedulers"][name])
         torch.set_rng_state(state["rng"])
+        amp.load_state_dict(state.get("scaler"))
         best_state, best_value = state["best_state"], state["best_value"]
         start_epoch, best_epoch = state["epoch"], state["best_epoch"]
         bad_epochs, history = state["bad_epochs"], state["history"]
@@ -303,17 +340,20 @@ def fit(
         )
         bar = tqdm(loader, desc=f"seed {seed} epoch {epoch + 1}/{train_cfg.epochs}",
                    leave=False, disable=None if train_cfg.progress else True)  # None: off without a TTY
-        step = model.training_step if hasattr(model, "training_step") else None
-        for batch in bar:
+        windows = _accumulation_windows(len(loader), train_cfg.grad_accumulation)
+        for batch, window in zip(bar, windows, strict=True):
             batch: Batch = batch.to(device)
             if corruption is not None:
                 batch = corruption(batch, epoch * 1_000_003 + steps)
             where = (epoch + 1, steps + 1)
             if step is not None:
-                out = step(batch, optimizers, train_cfg)
+                with amp.autocast():
+                    out = step(batch, optimizers, train_cfg)
+                out.losses = {k: v.float() for k, v in out.losses.items()}
                 _check_finite(out.losses, *where)
             else:
-                out = default_training_step(model, batch, optimizers, train_cfg, where)
+                out = default_training_step(model, batch, optimizers, train_cfg, where, amp,
+                                            window, forward)
             steps += 1
             for name, value in out.losses.items():
                 terms[name] = terms.get(name, 0.0) + float(value.detach())
@@ -354,7 +394,8 @@ def fit(
                 epoch=epoch + 1, model=model.state_dict(),
                 optimizers={k: o.state_dict() for k, o in optimizers.items()},
                 schedulers={k: sc.state_dict() for k, sc in schedulers.items()},
-                rng=torch.get_rng_state(), best_state=best_state, best_value=best_value,
+                rng=torch.get_rng_state(), scaler=amp.state_dict(), best_state=best_state,
+                best_value=best_value,
                 best_epoch=best_epoch, bad_epochs=bad_epochs, history=history,
             ),
             last_path,
@@ -366,6 +407,8 @@ def fit(
                     board.add_scalar(key.replace("_", "/", 1), value, epoch + 1)
             board.flush()
         stopped = record["stopped"]
+        if on_epoch is not None:
+            on_epoch(epoch + 1, value)
 
     if best_epoch < 1:  # never defined: best_state would be the INITIAL weights
         raise TrainingError(
@@ -376,12 +419,26 @@ def fit(
     save_checkpoint(checkpoint_state(cfg, info, seed, model=best_state, best_epoch=best_epoch,
                                      data_fingerprint=fingerprint), run_dir / "best.pt")
     valid_metrics, _ = evaluate(model, data.splits["valid"], info, cfg.data.batch_size, device, valid_transform)
-    test_metrics, test_prediction = evaluate(model, data.splits["test"], info, cfg.data.batch_size, device)
-    write_text(predictions_csv(data.splits["test"], test_prediction, info), run_dir / "predictions_test.csv")
+    test_metrics: dict[str, float] = {}
+    if test:
+        test_metrics, test_prediction = evaluate(model, data.splits["test"], info, cfg.data.batch_size, device)
+        write_text(predictions_csv(data.splits["test"], test_prediction, info), run_dir / "predictions_test.csv")
     result = SeedResult(seed, valid_metrics, test_metrics, best_epoch, history)
     write_json({"seed": seed, "best_epoch": best_epoch, "valid": valid_metrics, "test": test_metrics},
                run_dir / "metrics.json")
     return result
+
+
+def _refuse_for_custom_step(cfg: ExperimentConfig) -> None:
+    """A model's own training_step does its own backward and steps: the options that must reach
+    inside it are refused rather than silently ignored."""
+    train = cfg.train
+    for option, unsupported in (("train.precision=16", train.precision == "16"),
+                                ("train.grad_accumulation", train.grad_accumulation > 1),
+                                ("train.compile", train.compile)):
+        if unsupported:
+            raise TrainingError(f"model {cfg.model_name!r} has its own training step, which does "
+                                f"not support {option}; use the defaults (bf16 works)")
 
 
 def _tensorboard_writer(run_dir: Path):
