@@ -1,5 +1,5 @@
-"""Command line: `msakit train | eval | analyze | robustness | compare | extract | predict | personality fit | list-models |
-list-datasets`.
+"""Command line: `msakit train | tune | eval | analyze | robustness | compare | extract | predict |
+personality fit | list-models | list-datasets`.
 
 Every command is also callable in-process as `main([...])` (tests do so); errors in the user's
 input end with a one-line message on stderr and exit status 2.
@@ -22,10 +22,12 @@ from msakit.registry import list_models
 from msakit.train.checkpoint import CheckpointError
 from msakit.train.loop import TrainingError
 from msakit.train.runfolder import RunFolderError, resume_tree
+from msakit.tune import TuneError
 
 log = logging.getLogger("msakit")
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingError, RunFolderError, MediaError, OSError,
+USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingError, RunFolderError, MediaError, TuneError,
+               OSError,
                MemoryError)
 
 REGRESSION_KEYS = ["mae", "corr", "acc7", "acc5", "has0_acc2", "has0_f1", "non0_acc2", "non0_f1"]
@@ -107,6 +109,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     _check_out(out, "--out", folder=True)
     log.info("model %s on %s, seeds %s -> %s", cfg.model_name, cfg.data.name, cfg.train.seeds, out)
     results = run_experiment(cfg, out, resume=args.resume, overwrite=args.overwrite)
+    _print_results(results, out)
+    return 0
+
+
+def _print_results(results: dict, out: Path) -> None:
     keys = _table_keys(results["test_mean"])
     rows = [(f"seed {r['seed']}", r["test"], {}) for r in results["per_seed"]]
     if len(rows) > 1:  # one seed has no spread: no "± 0.000"
@@ -115,6 +122,31 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"{results['selection']['metric']})")
     print(format_table(rows, keys))
     print(f"\nresults: {out / 'results.json'}")
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from msakit.tune import format_summary, tune_from_files
+
+    sets = _data_overrides(args)
+    if args.model:
+        sets.append(f"model.name={args.model}")
+    if args.epochs is not None:
+        sets.append(f"train.epochs={args.epochs}")
+    if args.device:
+        sets.append(f"train.device={args.device}")
+    if args.quiet:
+        sets.append("train.progress=false")
+    out = Path(args.out or f"runs/tune_{Path(args.config).stem if args.config else 'default'}")
+    result = tune_from_files(
+        args.config, sets + list(args.set or []), args.space, out=out, trials=args.trials,
+        storage=args.storage, study_name=args.study, timeout=args.timeout,
+        final_seeds=args.final_seeds, final=not args.no_final, tune_seed=args.tune_seed,
+        sampler=args.sampler, pruner=args.pruner,
+    )
+    print("\n" + format_summary(result["summary"]))
+    print(f"best config: {result['best_config']} (study {result['study']!r} in {result['storage']})")
+    if result["final"] is not None:
+        _print_results(result["final"], out / "final")
     return 0
 
 
@@ -441,6 +473,31 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--pooling", default="auto", choices=["auto", "cls", "mean"])
     fit.set_defaults(handler=cmd_personality)
 
+    tune = _subparser(commands, "tune", "Optuna search on the VALIDATION split, then the final multi-seed run",
+                      "examples:\n  msakit tune --config configs/lf_dnn/mosi-poria.yaml --data-root ../shared/data "
+                      "--trials 30 --final-seeds 1 2 3 4 5")
+    tune.add_argument("--config", help="YAML experiment config (the base of every trial)")
+    tune.add_argument("--model", help="registered model (without --config)")
+    _add_data_args(tune)
+    tune.add_argument("--trials", type=int, required=True,
+                      help="finished trials the study should have (shared by all its workers)")
+    tune.add_argument("--storage", help="Optuna storage URL (default sqlite:///OUT/study.db)")
+    tune.add_argument("--study", help="study name (default <model>-<dataset>)")
+    tune.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
+    tune.add_argument("--space", help="YAML search space replacing the model's own")
+    tune.add_argument("--final-seeds", type=int, nargs="+",
+                      help="seeds of the final run of the best config (default: the config's seeds)")
+    tune.add_argument("--no-final", action="store_true",
+                      help="write the best config and summary, but no final run (extra workers)")
+    tune.add_argument("--tune-seed", type=int, help="training seed of every trial (default: the config's first)")
+    tune.add_argument("--sampler", default="tpe", choices=["tpe", "random"])
+    tune.add_argument("--pruner", default="median", choices=["median", "none"])
+    tune.add_argument("--epochs", type=int, help="maximum epochs (trials and final run)")
+    tune.add_argument("--out", help="output folder (default runs/tune_<config name>)")
+    tune.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="override, e.g. train.patience=5")
+    tune.add_argument("--device", help="cpu, cuda, cuda:N or auto")
+    tune.set_defaults(handler=cmd_tune)
+
     _subparser(commands, "list-models", "registered models").set_defaults(handler=cmd_list_models)
     _subparser(commands, "list-datasets", "registered datasets").set_defaults(handler=cmd_list_datasets)
     return parser
@@ -473,6 +530,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.handler(args)
+    except ImportError as e:
+        if e.name != "optuna":
+            raise
+        print("msakit: error: msakit tune needs Optuna: pip install 'msakit[tune]'", file=sys.stderr)
+        return 2
     except USER_ERRORS as e:
         print(f"msakit: error: {_error_line(e)}", file=sys.stderr)
         return 2

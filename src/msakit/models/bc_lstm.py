@@ -69,6 +69,16 @@ class BCLSTMConfig(ModelConfig):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"model.{name} must be in [0, 1)")
 
+    @staticmethod
+    def search_space() -> dict:
+        """Ranges `msakit tune` searches (msakit/tune.py format; train.* keys override its defaults)."""
+        return {
+            "model.hidden": [100, 200, 300],
+            "model.dropout": {"low": 0.2, "high": 0.6},
+            "model.input_dropout": {"low": 0.1, "high": 0.6},
+            "model.unimodal_input_dropout": {"low": 0.2, "high": 0.7},
+        }
+
     @classmethod
     def tiny(cls) -> BCLSTMConfig:
         return cls(unimodal_hidden=4, unimodal_out=4, hidden=6, fusion_out=8)

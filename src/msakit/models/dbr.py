@@ -176,6 +176,20 @@ class DBRConfig(ModelConfig):
         if self.use_borrowing and not self.use_agpr:
             self.use_borrowing = False  # borrowing is part of AGPR
 
+    @staticmethod
+    def search_space() -> dict:
+        """Ranges `msakit tune` searches (msakit/tune.py format; train.* keys override its defaults)."""
+        return {
+            "model.hidden": [64, 128, 256],
+            "model.dropout": {"low": 0.0, "high": 0.3},
+            "model.sim_weight": {"low": 0.1, "high": 3.0, "log": True},
+            "model.diff_weight": {"low": 0.03, "high": 1.0, "log": True},
+            "model.recon_weight": {"low": 0.1, "high": 3.0, "log": True},
+            "model.hsic_weight": {"low": 0.01, "high": 1.0, "log": True},
+            "model.unimodal_weight": {"low": 0.03, "high": 1.0, "log": True},
+            "model.leak_weight": {"low": 0.03, "high": 1.0, "log": True},
+        }
+
     @classmethod
     def tiny(cls) -> DBRConfig:
         return cls(hidden=8, heads=2, num_anchors=3, channel_groups=2, dropout=0.0)

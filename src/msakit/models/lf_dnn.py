@@ -47,6 +47,18 @@ class LFDNNConfig(ModelConfig):
     context_hidden: int = 64
     """Hidden size of the context BiLSTM (used only with `context`)."""
 
+    @staticmethod
+    def search_space() -> dict:
+        """Ranges `msakit tune` searches (msakit/tune.py format; train.* keys override its defaults)."""
+        return {
+            "model.text_hidden": [32, 64, 128, 256],
+            "model.audio_hidden": [8, 16, 32, 64],
+            "model.vision_hidden": [8, 16, 32, 64],
+            "model.fusion_hidden": [32, 64, 128, 256],
+            "model.dropout": {"low": 0.0, "high": 0.5},
+            "model.fusion_dropout": {"low": 0.0, "high": 0.5},
+        }
+
     @classmethod
     def tiny(cls) -> LFDNNConfig:
         return cls(text_hidden=8, audio_hidden=4, vision_hidden=4, fusion_hidden=8)

@@ -62,6 +62,18 @@ class LMFConfig(ModelConfig):
         if self.factor_lr < 0:
             raise ValueError("model.factor_lr must be >= 0 (0 = train.lr)")
 
+    @staticmethod
+    def search_space() -> dict:
+        """Ranges `msakit tune` searches (msakit/tune.py format; train.* keys override its defaults)."""
+        return {
+            "model.rank": [2, 4, 8, 16],
+            "model.text_hidden": [32, 64, 128],
+            "model.text_out": [32, 64, 128],
+            "model.audio_hidden": [8, 16, 32],
+            "model.vision_hidden": [16, 32, 64, 128],
+            "model.dropout": {"low": 0.0, "high": 0.5},
+        }
+
     @classmethod
     def tiny(cls) -> LMFConfig:
         return cls(rank=2, text_hidden=8, text_out=4, audio_hidden=4, vision_hidden=4)

@@ -83,6 +83,17 @@ class MISAConfig(ModelConfig):
         if self.cmd_moments < 1:
             raise ValueError("model.cmd_moments must be >= 1")
 
+    @staticmethod
+    def search_space() -> dict:
+        """Ranges `msakit tune` searches (msakit/tune.py format; train.* keys override its defaults)."""
+        return {
+            "model.hidden": [64, 128, 256],
+            "model.dropout": {"low": 0.0, "high": 0.5},
+            "model.sim_weight": {"low": 0.1, "high": 3.0, "log": True},
+            "model.diff_weight": {"low": 0.03, "high": 1.0, "log": True},
+            "model.recon_weight": {"low": 0.1, "high": 3.0, "log": True},
+        }
+
     @classmethod
     def tiny(cls) -> MISAConfig:
         return cls(hidden=8, rnn_hidden=4, transformer_ff=16)

@@ -211,6 +211,17 @@ class MMCLConfig(ModelConfig):
             if getattr(self, name) <= 0:
                 raise ValueError(f"model.{name} must be > 0")
 
+    @staticmethod
+    def search_space() -> dict:
+        """Ranges `msakit tune` searches (msakit/tune.py format; train.* keys override its defaults)."""
+        return {
+            "model.hidden": [64, 128, 256],
+            "model.dropout": {"low": 0.1, "high": 0.6},
+            "model.task_weight": {"low": 1.0, "high": 20.0, "log": True},
+            "model.rl_weight": {"low": 1.0, "high": 30.0, "log": True},
+            "model.tau": {"low": 1e-3, "high": 1e-1, "log": True},
+        }
+
     @classmethod
     def tiny(cls) -> MMCLConfig:
         return cls(hidden=8, heads=2, ff_dim=16, buffer_size=64, replay_steps=4)

@@ -86,6 +86,19 @@ class MulTConfig(ModelConfig):
         if self.layers < 1 or self.self_layers < 1:
             raise ValueError("model.layers and model.self_layers must be >= 1")
 
+    @staticmethod
+    def search_space() -> dict:
+        """Ranges `msakit tune` searches (msakit/tune.py format; train.* keys override its defaults)."""
+        return {
+            "model.dim": [30, 40, 50],  # divisible by num_heads=10
+            "model.layers": {"low": 2, "high": 5},
+            "model.attn_dropout": {"low": 0.0, "high": 0.3},
+            "model.relu_dropout": {"low": 0.0, "high": 0.3},
+            "model.res_dropout": {"low": 0.0, "high": 0.3},
+            "model.embed_dropout": {"low": 0.0, "high": 0.4},
+            "model.output_dropout": {"low": 0.0, "high": 0.3},
+        }
+
     @classmethod
     def tiny(cls) -> MulTConfig:
         return cls(dim=8, num_heads=2, layers=1, self_layers=1, audio_kernel=3, vision_kernel=1)

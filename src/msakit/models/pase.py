@@ -223,6 +223,18 @@ class PaSEConfig(ModelConfig):
             raise ValueError("model.sinkhorn_iters, model.switch_patience must be >= 1, "
                              "model.min_phase1_epochs >= 0")
 
+    @staticmethod
+    def search_space() -> dict:
+        """Ranges `msakit tune` searches (msakit/tune.py format; train.* keys override its defaults)."""
+        return {
+            "model.hidden": [128, 256],
+            "model.depth": {"low": 2, "high": 4},
+            "model.dropout": {"low": 0.1, "high": 0.6},
+            "model.pcl_weight": {"low": 1e-3, "high": 1e-1, "log": True},
+            "model.cal_weight": {"low": 1e-2, "high": 1.0, "log": True},
+            "model.unimodal_weight": {"low": 0.1, "high": 2.0, "log": True},
+        }
+
     @classmethod
     def tiny(cls) -> PaSEConfig:
         return cls(hidden=8, depth=1, heads=2, dropout=0.1, sinkhorn_iters=50,

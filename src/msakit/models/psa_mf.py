@@ -164,6 +164,18 @@ class PSAMFConfig(ModelConfig):
             if getattr(self, name) < 0:
                 raise ConfigError(f"model.{name} must be >= 0")
 
+    @staticmethod
+    def search_space() -> dict:
+        """Ranges `msakit tune` searches (msakit/tune.py format; train.* keys override its defaults)."""
+        return {
+            "model.hidden": [32, 64, 128],
+            "model.head_dropout": {"low": 0.0, "high": 0.3},
+            "model.text_lr": {"low": 1e-5, "high": 1e-4, "log": True},
+            "model.ccl_weight": {"low": 0.1, "high": 3.0, "log": True},
+            "model.ps_weight": {"low": 0.01, "high": 1.0, "log": True},
+            "model.clm_weight": {"low": 0.01, "high": 1.0, "log": True},
+        }
+
     @classmethod
     def tiny(cls) -> PSAMFConfig:
         """Random tiny encoders (no download, no packaged weights), small fusion."""

@@ -103,6 +103,17 @@ class SelfMMConfig(ModelConfig):
         if self.audio_lr < 0 or self.vision_lr < 0:
             raise ValueError("model.audio_lr / model.vision_lr must be >= 0 (0 = train.lr)")
 
+    @staticmethod
+    def search_space() -> dict:
+        """Ranges `msakit tune` searches (msakit/tune.py format; train.* keys override its defaults)."""
+        return {
+            "model.text_out": [64, 128, 256],
+            "model.post_fusion_dim": [64, 128, 256],
+            "model.text_dropout": {"low": 0.0, "high": 0.5},
+            "model.post_fusion_dropout": {"low": 0.0, "high": 0.5},
+            "model.post_text_dropout": {"low": 0.0, "high": 0.5},
+        }
+
     @classmethod
     def tiny(cls) -> SelfMMConfig:
         return cls(text_out=8, audio_lstm_hidden=4, audio_out=4, vision_lstm_hidden=4, vision_out=4,

@@ -63,6 +63,14 @@ class TextBertConfig(ModelConfig):
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError("model.dropout must be in [0, 1)")
 
+    @staticmethod
+    def search_space() -> dict:
+        """Ranges `msakit tune` searches (msakit/tune.py format; train.* keys override its defaults)."""
+        return {
+            "model.dropout": {"low": 0.0, "high": 0.3},
+            "model.text_lr": {"low": 1e-5, "high": 1e-4, "log": True},
+        }
+
     @classmethod
     def tiny(cls) -> TextBertConfig:
         return cls(encoder="tiny", max_tokens=24, dropout=0.0)

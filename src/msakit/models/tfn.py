@@ -46,6 +46,18 @@ class TFNConfig(ModelConfig):
     def __post_init__(self) -> None:
         check_choice("model.text_encoder", self.text_encoder, ("lstm", "mlp"))
 
+    @staticmethod
+    def search_space() -> dict:
+        """Ranges `msakit tune` searches (msakit/tune.py format; train.* keys override its defaults)."""
+        return {
+            "model.text_hidden": [16, 32, 64, 128],
+            "model.audio_hidden": [4, 8, 16, 32],
+            "model.vision_hidden": [4, 8, 16, 32],
+            "model.fusion_hidden": [32, 64, 128],
+            "model.dropout": {"low": 0.0, "high": 0.5},
+            "model.fusion_dropout": {"low": 0.0, "high": 0.5},
+        }
+
     @classmethod
     def tiny(cls) -> TFNConfig:
         return cls(text_hidden=4, audio_hidden=2, vision_hidden=2, fusion_hidden=8)

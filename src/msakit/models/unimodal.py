@@ -33,6 +33,11 @@ class UnimodalConfig(ModelConfig):
         check_choice("model.modality", self.modality, MODALITIES)
         check_choice("model.encoder", self.encoder, ("mlp", "lstm"))
 
+    @staticmethod
+    def search_space() -> dict:
+        """Ranges `msakit tune` searches (msakit/tune.py format; train.* keys override its defaults)."""
+        return {"model.hidden": [32, 64, 128, 256], "model.dropout": {"low": 0.0, "high": 0.5}}
+
     @classmethod
     def tiny(cls) -> UnimodalConfig:
         return cls(hidden=8)
