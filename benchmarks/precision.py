@@ -7,7 +7,7 @@ shared, and CPU time is what the setting costs), the timed epoch's mean training
 the validation MAE after the two epochs (float32 evaluation), so a setting that is fast but
 breaks training shows.
 
-    python benchmarks/precision.py [--models lf_dnn mult misa] [--threads 1]
+    python benchmarks/precision.py [--models lf_dnn mult misa] [--threads 1] [--settings ...]
 
 Writes benchmarks/results/precision.json and precision.md.
 """
@@ -104,6 +104,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["lf_dnn", "mult", "misa"])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
     import torch
@@ -111,7 +112,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     store = ROOT / "benchmarks" / "results" / "precision.json"
     for model in args.models:
-        for setting, sets in SETTINGS.items():
+        for setting in args.settings:
+            sets = SETTINGS[setting]
             try:
                 result = measure(model, ["train.progress=false", *sets])
             except Exception as e:  # a setting that cannot run here is reported, not fatal

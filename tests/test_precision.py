@@ -114,3 +114,12 @@ def test_a_custom_training_step_refuses_options_it_cannot_honour(tmp_path, capsy
                  "data.synthetic.valid_size=16", "data.synthetic.test_size=16"])
     assert code == 2
     assert "does not support train.precision=16" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_compile_trains_like_eager(tmp_path):
+    data = make_data()
+    eager = run_experiment(tiny_config("lf_dnn", "train.epochs=2"), tmp_path / "a", data=data)
+    compiled = run_experiment(tiny_config("lf_dnn", "train.epochs=2", "train.compile=true"),
+                              tmp_path / "b", data=data)
+    assert compiled["test_mean"]["mae"] == pytest.approx(eager["test_mean"]["mae"], abs=1e-4)

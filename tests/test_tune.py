@@ -62,7 +62,10 @@ def test_tune_end_to_end_test_split_only_in_the_final_run(tmp_path, monkeypatch)
         calls.append("test" if arrays is data.splits["test"] else "other")
         return real_evaluate(model, arrays, *args)
 
+    import msakit.train.experiment as experiment
+
     monkeypatch.setattr(loop, "fit", fit)
+    monkeypatch.setattr(experiment, "fit", fit)  # the final run goes through run_experiment
     monkeypatch.setattr(loop, "evaluate", evaluate)
     out = tmp_path / "tune"
     assert main(tune_args(out, 3, "--final-seeds", "1", "2")) == 0

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from msakit.config import ConfigError, ExperimentConfig, build_config, load_yaml
@@ -219,6 +220,8 @@ def tune(
                 build_config(tree, [*overrides, *_overrides({p.name: value})])
             except ConfigError as e:
                 raise TuneError(f"{where}: {p.name}={value!r}: {e}") from e
+    if base.train.num_threads:
+        torch.set_num_threads(base.train.num_threads)
     data = data if data is not None else load_dataset(base.data)
     metric, mode = train_loop.selection_rule(base, data.info)
     trial_data = _without_test(data)  # the trials cannot read the test split

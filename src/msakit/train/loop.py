@@ -44,6 +44,7 @@ from msakit.data import MultimodalData, to_loader
 from msakit.data.base import DatasetInfo, SplitArrays
 from msakit.metrics import SELECTION_DEFAULTS, compute_metrics, is_better
 from msakit.registry import create_model
+from msakit.train import distributed
 from msakit.train.checkpoint import (
     CHECKPOINT_FORMAT,
     load_checkpoint,
@@ -106,7 +107,9 @@ def predict(
     model.eval()
     outputs, rows, total, count = [], [], 0.0, 0
     whole_videos = getattr(model, "whole_videos", False)
-    for i, batch in enumerate(to_loader(arrays, info, batch_size, shuffle=False, whole_videos=whole_videos)):
+    shard = distributed.current().shard  # under DDP: this process's shards, gathered below
+    loader = to_loader(arrays, info, batch_size, shuffle=False, whole_videos=whole_videos, shard=shard)
+    for i, batch in enumerate(loader):
         batch = batch.to(device)
         if transform is not None:
             batch = transform(batch, i)
@@ -116,6 +119,10 @@ def predict(
         if out.losses:
             total += float(sum(out.losses.values())) * batch.size
             count += batch.size
+    if shard is not None:
+        parts = distributed.gather((outputs, rows, total, count))
+        outputs, rows = [o for p in parts for o in p[0]], [r for p in parts for r in p[1]]
+        total, count = sum(p[2] for p in parts), sum(p[3] for p in parts)
     prediction = np.empty_like(np.concatenate(outputs))
     prediction[np.concatenate(rows)] = np.concatenate(outputs)  # back to the split's row order
     return prediction, total / max(count, 1)
@@ -234,7 +241,7 @@ def default_training_step(
     no_sync = getattr(forward, "no_sync", None)  # DDP: all-reduce only on the window's last batch
     with no_sync() if no_sync is not None and not last else contextlib.nullcontext():
         with amp.autocast():
-            out = (forward or model)(batch)
+            out = (forward if forward is not None else model)(batch)
         if not out.losses:
             raise TrainingError("the model returned no loss terms")
         out.losses = {k: v.float() for k, v in out.losses.items()}
@@ -293,23 +300,31 @@ def fit(
     run_dir = Path(run_dir)
     fingerprint = fingerprint or data_fingerprint(data)
     info, train_cfg = data.info, cfg.train
-    device = resolve_device(train_cfg.device)
+    ctx, device = distributed.setup(resolve_device(train_cfg.device))
     metric, mode = selection_rule(cfg, info)
     seed_everything(seed)
     model = create_model(cfg.model_name, cfg.model, info).to(device)
+    if ctx.active:
+        try:
+            distributed.check_supported(model, cfg.model_name)
+        except ValueError as e:
+            raise TrainingError(str(e)) from e
     optimizers = build_optimizers(model, cfg)
     schedulers = build_schedulers(optimizers, cfg, mode)
     step = getattr(model, "training_step", None)
     if step is not None:
         _refuse_for_custom_step(cfg)
     amp = Precision(train_cfg.precision, device)
-    forward = torch.compile(model) if train_cfg.compile else model
+    forward = distributed.wrap(model, device) if ctx.active else model
+    forward = torch.compile(forward) if train_cfg.compile else forward
 
     start_epoch, best_value, best_epoch, bad_epochs, history = 0, None, -1, 0, []
     best_state = _state_copy(model)
     last_path = run_dir / "last.pt"
-    if resume and last_path.is_file():
-        state = load_checkpoint(last_path)
+    state = None
+    if resume:  # rank 0 reads, every process gets it (no shared folder needed)
+        state = distributed.broadcast(load_checkpoint(last_path) if ctx.main and last_path.is_file() else None)
+    if state is not None:
         check_checkpoint(state, last_path, cfg, seed, fingerprint)
         model.load_state_dict(state["model"])
         for name, optimizer in optimizers.items():
@@ -323,7 +338,7 @@ def fit(
         bad_epochs, history = state["bad_epochs"], state["history"]
         log.info("seed %d: resumed from %s at epoch %d", seed, last_path, start_epoch)
     stopped = bool(history) and history[-1].get("stopped", False)
-    board = _tensorboard_writer(run_dir) if train_cfg.tensorboard else None
+    board = _tensorboard_writer(run_dir) if train_cfg.tensorboard and ctx.main else None
     corruption = BatchCorruption.from_config(train_cfg.corruption, data.splits["train"], seed)
     valid_transform = corruption.for_validation() if corruption and train_cfg.corruption.validate else None
 
@@ -331,12 +346,14 @@ def fit(
         if stopped:
             break
         started = time.perf_counter()
+        distributed.reseed(seed, epoch)
         model.train()
         terms: dict[str, float] = {}
         steps = 0
         loader = to_loader(
             data.splits["train"], info, cfg.data.batch_size, shuffle=True,
             seed=seed * 100_003 + epoch, whole_videos=getattr(model, "whole_videos", False),
+            shard=ctx.shard,
         )
         bar = tqdm(loader, desc=f"seed {seed} epoch {epoch + 1}/{train_cfg.epochs}",
                    leave=False, disable=None if train_cfg.progress else True)  # None: off without a TTY
@@ -388,24 +405,25 @@ def fit(
         history.append(record)
         log.info("seed %d epoch %d: train %.4f valid %s %.4f%s", seed, epoch + 1,
                  record["train_loss"], metric, value, " *" if record["selected"] else "")
-        save_checkpoint(
-            checkpoint_state(
-                cfg, info, seed, data_fingerprint=fingerprint,
-                epoch=epoch + 1, model=model.state_dict(),
-                optimizers={k: o.state_dict() for k, o in optimizers.items()},
-                schedulers={k: sc.state_dict() for k, sc in schedulers.items()},
-                rng=torch.get_rng_state(), scaler=amp.state_dict(), best_state=best_state,
-                best_value=best_value,
-                best_epoch=best_epoch, bad_epochs=bad_epochs, history=history,
-            ),
-            last_path,
-        )
-        write_text("".join(_json_line(r) for r in history), run_dir / "log.jsonl")
-        if board is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "epoch":
-                    board.add_scalar(key.replace("_", "/", 1), value, epoch + 1)
-            board.flush()
+        if ctx.main:  # only rank 0 writes
+            save_checkpoint(
+                checkpoint_state(
+                    cfg, info, seed, data_fingerprint=fingerprint,
+                    epoch=epoch + 1, model=model.state_dict(),
+                    optimizers={k: o.state_dict() for k, o in optimizers.items()},
+                    schedulers={k: sc.state_dict() for k, sc in schedulers.items()},
+                    rng=torch.get_rng_state(), scaler=amp.state_dict(), best_state=best_state,
+                    best_value=best_value,
+                    best_epoch=best_epoch, bad_epochs=bad_epochs, history=history,
+                ),
+                last_path,
+            )
+            write_text("".join(_json_line(r) for r in history), run_dir / "log.jsonl")
+            if board is not None:
+                for key, value in record.items():
+                    if isinstance(value, (int, float)) and key != "epoch":
+                        board.add_scalar(key.replace("_", "/", 1), value, epoch + 1)
+                board.flush()
         stopped = record["stopped"]
         if on_epoch is not None:
             on_epoch(epoch + 1, value)
@@ -416,16 +434,19 @@ def fit(
             "can be selected (corr needs non-constant predictions and labels, non0_* a non-zero "
             "label); choose another train.select_metric, e.g. loss or mae")
     model.load_state_dict(best_state)
-    save_checkpoint(checkpoint_state(cfg, info, seed, model=best_state, best_epoch=best_epoch,
-                                     data_fingerprint=fingerprint), run_dir / "best.pt")
+    if ctx.main:
+        save_checkpoint(checkpoint_state(cfg, info, seed, model=best_state, best_epoch=best_epoch,
+                                         data_fingerprint=fingerprint), run_dir / "best.pt")
     valid_metrics, _ = evaluate(model, data.splits["valid"], info, cfg.data.batch_size, device, valid_transform)
     test_metrics: dict[str, float] = {}
     if test:
         test_metrics, test_prediction = evaluate(model, data.splits["test"], info, cfg.data.batch_size, device)
-        write_text(predictions_csv(data.splits["test"], test_prediction, info), run_dir / "predictions_test.csv")
+        if ctx.main:
+            write_text(predictions_csv(data.splits["test"], test_prediction, info), run_dir / "predictions_test.csv")
     result = SeedResult(seed, valid_metrics, test_metrics, best_epoch, history)
-    write_json({"seed": seed, "best_epoch": best_epoch, "valid": valid_metrics, "test": test_metrics},
-               run_dir / "metrics.json")
+    if ctx.main:
+        write_json({"seed": seed, "best_epoch": best_epoch, "valid": valid_metrics, "test": test_metrics},
+                   run_dir / "metrics.json")
     return result
 
 
