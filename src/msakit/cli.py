@@ -114,6 +114,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _print_results(results: dict, out: Path) -> None:
+    from msakit.train.distributed import main_process
+
+    if not main_process():  # torchrun: one table, from rank 0
+        return
     keys = _table_keys(results["test_mean"])
     rows = [(f"seed {r['seed']}", r["test"], {}) for r in results["per_seed"]]
     if len(rows) > 1:  # one seed has no spread: no "± 0.000"

@@ -323,6 +323,7 @@ def to_loader(
     shuffle: bool,
     seed: int = 0,
     whole_videos: bool = False,
+    shard: tuple[int, int] | None = None,
 ) -> DataLoader:
     """DataLoader of `Batch`; shuffling is driven by a generator seeded with `seed` only, so a
     resumed run sees the same order as an uninterrupted one.
@@ -330,30 +331,36 @@ def to_loader(
     whole_videos: each batch holds `batch_size` whole VIDEOS (all their utterances, in order) and
     `Batch.group` [B] says which video of the batch each utterance belongs to. Contextual models
     (bc-LSTM) need this; predictions and metrics stay per utterance. Raises DataError when the
-    split has no `groups` (a contextual model must not run without its context)."""
-    dataset = _SplitDataset(arrays, info.task)
-    generator = torch.Generator().manual_seed(seed) if shuffle else None
-    if whole_videos:
-        if arrays.groups is None:
-            raise DataError(
-                f"{info.name}: this model reads the utterances of each video in context, but the "
-                "data do not say which clips form a video (no video groups: MMSA ids must be "
-                "'video$_$clip', MulT ids [video, clip, ...]); use such data or a model without context"
-            )
-        groups = video_groups(arrays)
-        return DataLoader(
-            groups,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            generator=generator,
-            collate_fn=dataset.collate_groups,
-            num_workers=0,
+    split has no `groups` (a contextual model must not run without its context).
+
+    shard=(rank, world) (distributed training, msakit/train/distributed.py): the batches of the
+    one-process loader above, each cut into `world` contiguous shards, of which this loader yields
+    shard `rank`. Without shuffling (evaluation) every sample is in exactly one shard: nothing is
+    padded or dropped (empty shards are skipped). With shuffling (training) a last batch with fewer
+    samples than processes is dropped, so that every process takes every step."""
+    if whole_videos and arrays.groups is None:
+        raise DataError(
+            f"{info.name}: this model reads the utterances of each video in context, but the "
+            "data do not say which clips form a video (no video groups: MMSA ids must be "
+            "'video$_$clip', MulT ids [video, clip, ...]); use such data or a model without context"
         )
+    dataset = _SplitDataset(arrays, info.task)
+    items = video_groups(arrays) if whole_videos else dataset
+    collate = dataset.collate_groups if whole_videos else dataset.collate
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    if shard is not None:
+        # the one-process loader's global batches (same DataLoader machinery, same generator use)
+        order = DataLoader(range(len(items)), batch_size=batch_size, shuffle=shuffle,
+                           generator=generator, collate_fn=list)
+        rank, world = shard
+        batches = [b for b in order if not (shuffle and len(b) < world)]  # see the docstring
+        shards = [np.array_split(b, world)[rank].tolist() for b in batches]
+        return DataLoader(items, batch_sampler=[s for s in shards if s], collate_fn=collate, num_workers=0)
     return DataLoader(
-        dataset,
+        items,
         batch_size=batch_size,
         shuffle=shuffle,
         generator=generator,
-        collate_fn=dataset.collate,
+        collate_fn=collate,
         num_workers=0,
     )

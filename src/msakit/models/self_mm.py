@@ -137,6 +137,8 @@ class _Head(nn.Module):
 class SelfMM(nn.Module):
     """Self-MM: multimodal head + three unimodal heads on self-generated unimodal labels."""
 
+    ddp_unsupported = "its label memory is updated in the forward pass, per process"
+
     zero_grad_at_start = ("text_head.", "audio_head.", "vision_head.")
     """Parameter prefixes whose gradient is legitimately all-zero on a fresh model's first step
     (regression): the unimodal loss weights tanh(|y_s - y_m|) are 0 until labels are generated."""

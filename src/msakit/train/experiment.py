@@ -11,6 +11,7 @@ The folder's rules (lock, refusals, resume checks, nothing written before they p
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from pathlib import Path
@@ -21,6 +22,7 @@ import yaml
 from msakit.config import ExperimentConfig
 from msakit.data import MultimodalData, load_dataset
 from msakit.metrics import aggregate_seeds
+from msakit.train import distributed
 from msakit.train.checkpoint import CheckpointError, load_checkpoint, write_json, write_text
 from msakit.train.loop import SeedResult, fit, selection_rule
 from msakit.train.runfolder import Interrupted, RunFolder, data_fingerprint
@@ -58,16 +60,20 @@ def run_experiment(
     `Interrupted` (a KeyboardInterrupt) on Ctrl-C, leaving the folder resumable."""
     out_dir = Path(out_dir)
     cfg = absolute_data_paths(cfg)
-    with RunFolder(out_dir) as folder:
-        folder.check(cfg, resume, overwrite)
+    main = distributed.main_process()  # torchrun: rank 0 owns the folder and writes; others train
+    with RunFolder(out_dir) if main else contextlib.nullcontext() as folder:
+        if main:
+            folder.check(cfg, resume, overwrite)
         data = data if data is not None else load_dataset(cfg.data)
         fingerprint = data_fingerprint(data)
-        if resume:
-            folder.check_resume(cfg, fingerprint)
-        folder.start(overwrite)
+        if main:
+            if resume:
+                folder.check_resume(cfg, fingerprint)
+            folder.start(overwrite)
         if cfg.train.num_threads:
             torch.set_num_threads(cfg.train.num_threads)
-        write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), out_dir / "config.yaml")
+        if main:
+            write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), out_dir / "config.yaml")
         results: list[SeedResult] = []
         for seed in cfg.train.seeds:
             run_dir = out_dir / f"seed_{seed}"
@@ -93,5 +99,6 @@ def run_experiment(
             "notes": data.notes,
             "config": cfg.to_dict(),
         }
-        write_json(summary, out_dir / "results.json")
+        if main:
+            write_json(summary, out_dir / "results.json")
     return summary
