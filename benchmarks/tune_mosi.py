@@ -8,6 +8,9 @@ benchmarks/results/mosi_poria.json (same seeds, same protocol).
 
     python benchmarks/tune_mosi.py --data-root ../shared/data --trials 30 \\
         [--configs configs/lf_dnn/mosi-poria.yaml ...] [--workers 1] [--no-final] [--tag NAME]
+        [--set train.epochs=10 ...]
+
+Rerunning with a larger --trials continues a study from its storage.
 
 Writes benchmarks/results/tune_mosi.json and tune_mosi.md; study outputs under runs/tune_mosi/.
 """
@@ -40,7 +43,7 @@ def run(config: str, args: argparse.Namespace) -> dict:
     out = ROOT / "runs" / "tune_mosi" / name
     out.mkdir(parents=True, exist_ok=True)
     common = ["tune", "--config", config, "--data-root", args.data_root, "--trials", str(args.trials),
-              "--out", str(out), "--study", name, "--quiet", "--set", "train.num_threads=1"]
+              "--out", str(out), "--study", name, "--quiet", "--set", "train.num_threads=1", *args.set]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     started = time.perf_counter()
     workers = [subprocess.Popen([sys.executable, "-m", "msakit", *common, "--no-final"], env=env,
@@ -50,7 +53,8 @@ def run(config: str, args: argparse.Namespace) -> dict:
     search_s = time.perf_counter() - started
     if any(codes):
         raise SystemExit(f"{name}: a worker failed ({codes}); see {out}/worker*.log")
-    entry = {"config": config, "workers": args.workers, "trials": args.trials, "search_wall_s": search_s}
+    entry = {"config": config, "workers": args.workers, "trials": args.trials, "search_wall_s": search_s,
+             "overrides": args.set}
     if not args.no_final:
         started = time.perf_counter()
         msakit(*common, "--final-seeds", "1", "2", "3", "4", "5", log=out / "final.log")
@@ -112,6 +116,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--no-final", action="store_true")
     parser.add_argument("--tag", default="")
+    parser.add_argument("--set", nargs="+", default=[], help="extra overrides (e.g. train.epochs=10)")
     args = parser.parse_args()
     store = ROOT / "benchmarks" / "results" / "tune_mosi.json"
     for config in args.configs:

@@ -297,7 +297,8 @@ def tune(
     if final:
         from msakit.train.experiment import run_experiment
 
-        results = run_experiment(best_cfg, out / "final", resume=True, data=data)
+        final_dir = out / "final"  # an interrupted final run continues
+        results = run_experiment(best_cfg, final_dir, resume=(final_dir / "config.yaml").is_file(), data=data)
     return {"study": name, "storage": url, "best": {"number": best_trial.number, "value": best_trial.value,
                                                      "params": best_trial.params},
             "summary": summary, "best_config": str(best_path), "final": results, "metric": metric}
