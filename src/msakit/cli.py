@@ -85,6 +85,22 @@ def _check_out(path: Path, flag: str, folder: bool) -> None:
         raise ConfigError(f"{flag} {path}: is a folder; give a file name for the JSON metrics")
 
 
+def _run_overrides(args: argparse.Namespace) -> list[str]:
+    """The flags of train/tune that are config overrides (data, model, seeds, epochs, device)."""
+    sets = _data_overrides(args)
+    if args.model:
+        sets.append(f"model.name={args.model}")
+    if getattr(args, "seeds", None):
+        sets.append(f"train.seeds=[{', '.join(map(str, args.seeds))}]")
+    if args.epochs is not None:
+        sets.append(f"train.epochs={args.epochs}")
+    if args.device:
+        sets.append(f"train.device={args.device}")
+    if getattr(args, "quiet", False):
+        sets.append("train.progress=false")
+    return sets
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from msakit.train.experiment import run_experiment
 
@@ -93,18 +109,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not args.out:
             raise RunFolderError("--resume needs --out DIR, the run folder to continue")
         tree = _resume_tree(Path(args.out), tree, args.model)
-    sets = _data_overrides(args)
-    if args.model:
-        sets.append(f"model.name={args.model}")
-    if args.seeds:
-        sets.append(f"train.seeds=[{', '.join(map(str, args.seeds))}]")
-    if args.epochs is not None:
-        sets.append(f"train.epochs={args.epochs}")
-    if args.device:
-        sets.append(f"train.device={args.device}")
-    if args.quiet:
-        sets.append("train.progress=false")
-    cfg = build_config(tree, sets + list(args.set or []))
+    cfg = build_config(tree, _run_overrides(args) + list(args.set or []))
     out = Path(args.out or f"runs/{cfg.model_name}_{cfg.data.name}_{time.strftime('%Y%m%d-%H%M%S')}")
     _check_out(out, "--out", folder=True)
     log.info("model %s on %s, seeds %s -> %s", cfg.model_name, cfg.data.name, cfg.train.seeds, out)
@@ -131,18 +136,9 @@ def _print_results(results: dict, out: Path) -> None:
 def cmd_tune(args: argparse.Namespace) -> int:
     from msakit.tune import format_summary, tune_from_files
 
-    sets = _data_overrides(args)
-    if args.model:
-        sets.append(f"model.name={args.model}")
-    if args.epochs is not None:
-        sets.append(f"train.epochs={args.epochs}")
-    if args.device:
-        sets.append(f"train.device={args.device}")
-    if args.quiet:
-        sets.append("train.progress=false")
     out = Path(args.out or f"runs/tune_{Path(args.config).stem if args.config else 'default'}")
     result = tune_from_files(
-        args.config, sets + list(args.set or []), args.space, out=out, trials=args.trials,
+        args.config, _run_overrides(args) + list(args.set or []), args.space, out=out, trials=args.trials,
         storage=args.storage, study_name=args.study, timeout=args.timeout,
         final_seeds=args.final_seeds, final=not args.no_final, tune_seed=args.tune_seed,
         sampler=args.sampler, pruner=args.pruner,
