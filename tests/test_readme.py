@@ -81,6 +81,8 @@ def test_readme_commands_run_as_shown(tmp_path, monkeypatch, capsys):
             continue
         if argv[0] == "train":
             argv = [*argv, "--epochs", "1", "--seeds", "1", "--set", *TINY]
+        if argv[0] == "tune":  # two one-epoch trials, one final seed
+            argv = [*argv, "--trials", "2", "--epochs", "1", "--final-seeds", "1", "--set", *TINY]
         if argv[:2] == ["personality", "fit"]:
             pytest.importorskip("transformers")
             argv = [*argv, "--encoder", "tiny", "--epochs", "2"]
