@@ -27,8 +27,7 @@ from msakit.tune import TuneError
 log = logging.getLogger("msakit")
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingError, RunFolderError, MediaError, TuneError,
-               OSError,
-               MemoryError)
+               OSError, MemoryError)
 
 REGRESSION_KEYS = ["mae", "corr", "acc7", "acc5", "has0_acc2", "has0_f1", "non0_acc2", "non0_f1"]
 
