@@ -71,3 +71,19 @@ def run_interrupted(cfg, out, data: MultimodalData, monkeypatch, saves: int) -> 
     with pytest.raises(KeyboardInterrupt):
         run_experiment(cfg, out, data=data)
     monkeypatch.setattr(loop, "save_checkpoint", real_save)
+
+
+def loss_term_when_optimised_alone(model, batch, term: str, steps: int, lr: float = 3e-3) -> list[float]:
+    """Values of `model(batch).losses[term]` over `steps` Adam steps on that term alone (the
+    mechanism tests' check that a loss term has the sign and target it claims)."""
+    import torch
+
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    values = []
+    for _ in range(steps):
+        value = model(batch).losses[term]
+        values.append(float(value.detach()))
+        optimizer.zero_grad()
+        value.backward()
+        optimizer.step()
+    return values
