@@ -40,7 +40,7 @@ def test_version(capsys):
 
 def test_every_subcommand_that_takes_arguments_shows_examples():
     names = {name for name, _ in help_examples()}
-    assert {"train", "eval", "analyze", "personality fit"} <= names
+    assert {"train", "eval", "analyze", "robustness", "compare", "personality fit"} <= names
 
 
 def test_help_examples_parse_and_the_synthetic_ones_run(tmp_path, monkeypatch, capsys):
@@ -63,6 +63,9 @@ def test_help_examples_parse_and_the_synthetic_ones_run(tmp_path, monkeypatch, c
     assert "tfn (runs/tfn/seed_1/best.pt) on synthetic, valid split" in out
     rows = list(csv.DictReader(open("runs/tfn/valid.csv")))
     assert len(rows) == 20 and set(rows[0]) == {"id", "label", "prediction"}
+    assert "| tfn | " in out and "AUC noise" in out  # robustness --checkpoint: a row for the run
+    assert "| quick | " in out and Path("runs/robust-overlay/robustness.png").is_file()
+    assert "| tfn | quick | " in out and Path("runs/compare/compare.json").is_file()
 
 
 def test_the_set_help_example_builds_on_the_default_model():

@@ -340,6 +340,22 @@ examples (after the `msakit train` examples):
       exact Shapley values of text/audio/vision over the 8 modality subsets (table + PNG)
 """
 
+ROBUSTNESS_EXAMPLES = """\
+examples (after the `msakit train` examples):
+  msakit robustness --checkpoint runs/tfn/seed_1/best.pt --protocol drop missing noise conditions --levels 0 0.5 0.9
+      one checkpoint: test split under each protocol and level (3 corruption seeds), AUC, the six
+      MMIN conditions; robustness.json/md/png beside the checkpoint (seconds on this data)
+  msakit robustness --runs runs/tfn runs/quick --protocol missing --levels 0 0.3 0.6 0.9 --out runs/robust-overlay
+      two runs overlaid in one plot, every seed's best.pt averaged
+"""
+
+COMPARE_EXAMPLES = """\
+examples (after the `msakit train` examples):
+  msakit compare runs/tfn runs/quick --metric mae --out runs/compare
+      mean ± std and 95% CI per run; paired t-test over shared seeds (needs 2 or more: n/a here)
+      and paired bootstrap over test samples; compare.json/md and curves.png in --out
+"""
+
 FIT_EXAMPLES = """\
 examples:
   msakit personality fit --csv examples/personality.csv --encoder tiny --epochs 20 --out runs/personality-tiny --trait-columns openness conscientiousness extraversion agreeableness neuroticism
@@ -404,7 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from msakit.robustness import DEFAULT_LEVELS, PROTOCOL_CHOICES
 
-    robust = _subparser(commands, "robustness", "evaluate checkpoints under missing/noisy modalities")
+    robust = _subparser(commands, "robustness", "evaluate checkpoints under missing/noisy modalities",
+                        ROBUSTNESS_EXAMPLES)
     robust.add_argument("--checkpoint", help="one checkpoint (best.pt)")
     robust.add_argument("--runs", nargs="+", metavar="DIR", help="msakit train output folders to overlay "
                         "(every seed_*/best.pt of each, averaged)")
@@ -419,7 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "or in the first run folder)")
     robust.set_defaults(handler=cmd_robustness)
 
-    compare = _subparser(commands, "compare", "compare finished runs: table, significance, curves")
+    compare = _subparser(commands, "compare", "compare finished runs: table, significance, curves",
+                         COMPARE_EXAMPLES)
     compare.add_argument("runs", nargs="+", metavar="RUN_DIR", help="msakit train output folders")
     compare.add_argument("--metric", help="test metric (default: non0_acc2 for MOSI-type data)")
     compare.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples of the test set")
