@@ -68,3 +68,26 @@ def test_probes_command(tmp_path, capsys):
     cells = [c.strip() for c in row.split("|")[3:-1]]
     assert cells[:2] == cells[2:]  # the same checkpoint as its own "alone" model: same probe scores
     assert main(["analyze", "--probes", "--checkpoint", ckpt, "--alone", "sound=x"]) == 2
+
+
+def test_pase_is_probed_on_its_own_expert_path_not_the_linear_projection():
+    """PaSE's per-modality representation is projection + its own experts, pooled (h^m of
+    PCL/CAL/SGM); probing the projection alone would be a linear probe of the raw features."""
+    from msakit.batch import MODALITIES
+    from msakit.data import to_loader
+    from msakit.modules.pooling import masked_mean
+
+    model, data = tiny_model("pase", "regression")
+    model.eval()
+    arrays = data.splits["test"]
+    features = encoder_features(model, arrays, data.info, 64, "cpu")
+    assert encoder_modules(model)["vision"][0] == "modality_features()['vision']"
+    (batch,) = list(to_loader(arrays, data.info, len(arrays), shuffle=False))
+    masks = {m: batch.mask(m) for m in MODALITIES}
+    with torch.no_grad():
+        streams = {m: model.projections[m](batch.features(m)) for m in MODALITIES}
+        own = model.unimodal(streams, masks)
+        projected = masked_mean(streams["vision"], masks["vision"]).numpy()
+    order = batch.index.numpy()
+    np.testing.assert_allclose(features["vision"][order], own["vision"].numpy(), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(features["vision"][order], projected, atol=1e-3)

@@ -10,7 +10,10 @@ modality present, e.g. `--set train.corruption.protocol=conditions train.corrupt
 train.corruption.validate=true`), a large gap for audio/vision means the fusion model left that
 modality's encoder under-trained.
 
-Which module is "the encoder of modality m" (first match wins):
+Which representation is "the encoder of modality m" (first match wins):
+    0. the optional model method `modality_features(batch) -> {modality: [B, H]}`, for a model
+       whose per-modality path is not one module (PaSE: its projection then its own experts,
+       pooled); called in eval mode on the clean batch, its outputs used as they are;
     1. the optional model method `modality_encoders() -> {modality: nn.Module}` (a model that
        wants to name its encoders declares it; documented here as the uniform hook);
     2. a ModuleDict attribute keyed by modality names: `encoders`, `unimodal`, `sequence_encoders`,
@@ -45,8 +48,11 @@ ALPHAS = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)
 DICT_ATTRIBUTES = ("encoders", "unimodal", "sequence_encoders", "projections")
 
 
-def encoder_modules(model: nn.Module) -> dict[str, tuple[str, nn.Module]]:
-    """{modality: (attribute path, module)} of the model's per-modality encoders (see above)."""
+def encoder_modules(model: nn.Module) -> dict[str, tuple[str, nn.Module | None]]:
+    """{modality: (attribute path, module)} of the model's per-modality encoders (see above);
+    module None for a model with `modality_features` (nothing to hook)."""
+    if hasattr(model, "modality_features"):
+        return {m: (f"modality_features()[{m!r}]", None) for m in MODALITIES}
     if hasattr(model, "modality_encoders"):
         return {m: (f"modality_encoders()[{m!r}]", module) for m, module in model.modality_encoders().items()}
     for name in DICT_ATTRIBUTES:
@@ -82,9 +88,10 @@ def encoder_features(model: nn.Module, arrays, info, batch_size: int, device) ->
     module the model never calls as a whole (e.g. PSA-MF runs its text encoder layer by layer)
     is left out."""
     modules = encoder_modules(model)
+    direct = hasattr(model, "modality_features")
     model.eval()
     captured: dict[str, torch.Tensor] = {}
-    handles = [module.register_forward_hook(
+    handles = [] if direct else [module.register_forward_hook(
         lambda _mod, _inp, out, m=m: captured.setdefault(m, out)) for m, (_, module) in modules.items()]
     chunks: dict[str, list] = {m: [] for m in modules}
     rows = []
@@ -92,7 +99,10 @@ def encoder_features(model: nn.Module, arrays, info, batch_size: int, device) ->
         for batch in to_loader(arrays, info, batch_size, shuffle=False, whole_videos=getattr(model, "whole_videos", False)):
             batch = batch.to(device)
             captured.clear()
-            model(batch)
+            if direct:
+                captured.update(model.modality_features(batch))
+            else:
+                model(batch)
             for m in [m for m in chunks if m not in captured]:  # run piecewise, not via forward
                 del chunks[m]
             for m in chunks:

@@ -409,6 +409,13 @@ class PaSE(nn.Module):
             groups[m] = params
         return groups
 
+    def modality_features(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """msakit.probes: each modality's own path, projection then its experts only, pooled:
+        h^m [B, D], the representation PCL, CAL, the unimodal heads and SGM act on (the input
+        projection alone is linear in the features, so probing it says nothing about training)."""
+        masks = {m: batch.mask(m) for m in MODALITIES}
+        return self.unimodal({m: self.encode(batch.features(m), m) for m in MODALITIES}, masks)
+
     # ------------------------------------------------------------------ building blocks
 
     def encode(self, x: torch.Tensor, modality: str) -> torch.Tensor:
