@@ -3,6 +3,7 @@
     python benchmarks/robustness_zoo.py --dataset mosi-poria --data-root ../shared/data \
         [--seeds 1 2] [--epochs 10] [--group zoo|ablations] [--only NAME ...] [--runs-dir runs/robustness]
         [--levels 0 0.1 ... 0.9] [--protocols drop block missing noise conditions] [--corruption-seeds 1 2 3]
+        [--out DIR | --publish]
 
 Trains every entry of the group (its shipped config, the given seeds, at most --epochs epochs:
 reduced CPU runs, said in the report) into RUNS_DIR/<dataset>/<name> (an entry already finished
@@ -10,7 +11,9 @@ there with the same config is reused; an interrupted one resumes), then
 
 - group zoo: `msakit.robustness` on the test split of every entry, protocols drop, block, missing,
   noise and the six MMIN conditions, levels 0..0.9, corruption seeds 1 2 3, averaged over the
-  training seeds -> benchmarks/results/robustness_<dataset>.{md,json,png};
+  training seeds -> robustness_<dataset>.{md,json,png} in --out (default runs/benchmarks/
+  robustness_zoo/), or in benchmarks/results/ with --publish (a run's row is replaced, the
+  others kept);
 - group ablations: the runs for `msakit compare` (a method and its switched-off variants, same
   seeds); the README's ablation tables are `msakit compare` over these folders.
 """
@@ -24,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from results_store import update_json
+from results_store import add_output_args, refuse_weaker, results_dir, update_json
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -47,6 +50,7 @@ ZOO = {  # name -> (config stem under configs/<model>/, extra overrides)
     "lf_dnn_lnln_missing": ("lf_dnn/{d}", ["train.corruption.protocol=missing", "train.corruption.mode=random",
                                            "train.corruption.rate=1.0"]),
     "pase": ("pase/{d}", []),
+    "psa_mf": ("psa_mf/{d}", []),
     "dbr": ("dbr/{d}", []),
 }
 ABLATIONS = {
@@ -77,13 +81,15 @@ def train(name: str, stem: str, sets: list[str], args) -> Path:
     cfg.train.epochs = min(cfg.train.epochs, args.epochs)
     out = Path(args.runs_dir) / args.dataset / name
     done = out / "results.json"
-    if done.is_file() and json.loads(done.read_text())["config"] == cfg.to_dict():
+    # same resolved config (keys added to the config since are filled with their defaults); a
+    # folder trained before a model fix has the same config: delete it to retrain
+    if done.is_file() and build_config(json.loads(done.read_text())["config"]).to_dict() == cfg.to_dict():
         logging.info("%s: reusing %s", name, out)
         return out
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     run_experiment(cfg, out, resume=True)
-    write_text(json.dumps({"seconds": time.perf_counter() - started, "config": str(path), "sets": sets}) + "\n",
-               out / "benchmark.json")
+    write_text(json.dumps({"seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu,
+                           "config": str(path), "sets": sets}) + "\n", out / "benchmark.json")
     return out
 
 
@@ -99,33 +105,42 @@ def main() -> None:
     parser.add_argument("--corruption-seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--levels", type=float, nargs="+", default=[0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
     parser.add_argument("--protocols", nargs="+", default=["drop", "block", "missing", "noise", "conditions"])
+    add_output_args(parser, "robustness_zoo")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     entries = ZOO if args.group == "zoo" else ABLATIONS
     names = args.only or list(entries)
     protocols = [p for p in args.protocols if not (p == "block" and args.dataset == "mosi-poria")]  # length 1
-    results = ROOT / "benchmarks" / "results"
+    results = results_dir(args)  # --out, or benchmarks/results with --publish
+    published = results / f"robustness_{args.dataset}.json"
     for name in names:
         stem, sets = entries[name]
         if not (ROOT / "configs" / f"{stem.format(d=args.dataset)}.yaml").is_file():
             logging.info("%s: no config for %s, skipped", name, args.dataset)
             continue
+        old = json.loads(published.read_text()).get("runs", {}).get(name) if published.is_file() else None
+        if args.publish and old and args.group == "zoo":
+            refuse_weaker(f"{name} ({published.name})", len(old["training"]["seeds"]), old["training"]["max_epochs"],
+                          len(args.seeds), args.epochs)
         folder = train(name, stem, sets, args)
         if args.group != "zoo":
             continue
+        cpu = time.process_time()
         report = robustness_report({name: run_checkpoints(folder)}, protocols=protocols,
                                    levels=args.levels, seeds=args.corruption_seeds)
         run = report["runs"][name]
         run["training"] = {"seeds": args.seeds, "max_epochs": args.epochs,
                            **json.loads((folder / "benchmark.json").read_text())}
-        update_json(results / f"robustness_{args.dataset}.json",
+        run["evaluation_cpu_seconds"] = time.process_time() - cpu
+        logging.info("%s: evaluated in %.0f CPU-s", name, run["evaluation_cpu_seconds"])
+        update_json(published,
                     lambda current, name=name, report=report: {
                         **current, "metric": report["metric"], "levels": report["levels"],
                         "seeds": report["seeds"], "split": report["split"],
                         "runs": {**current.get("runs", {}), name: report["runs"][name]}})
     if args.group != "zoo":
         return
-    combined = json.loads((results / f"robustness_{args.dataset}.json").read_text())
+    combined = json.loads(published.read_text())
     write_text(format_report(combined) + "\n", results / f"robustness_{args.dataset}.md")
     plot_report(combined, results / f"robustness_{args.dataset}.png")
     print(format_report(combined))

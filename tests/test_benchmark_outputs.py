@@ -84,3 +84,26 @@ def test_publish_refuses_to_replace_a_5_seed_row_before_running(fake_runs):
         mosi_poria.main(["--data-root", str(tmp_path / "data"), "--configs", "configs/lf_dnn/mosi-poria.yaml",
                          "--seeds", "1", "--epochs", "2", "--publish"])
     assert calls == [] and digest(ROOT / "benchmarks" / "results" / "mosi_poria.json") == before
+
+
+def test_robustness_pairs_pairs_by_training_seed():
+    """The mechanism comparison pairs checkpoints by their seed_<s> folder (not by list order)
+    and tests the per-seed differences (scipy's paired t-test)."""
+    import robustness_pairs
+    from scipy import stats
+
+    def run(seeds, clean, auc):
+        return {"checkpoints": [f"r/seed_{s}/best.pt" for s in seeds], "clean_per_checkpoint": clean,
+                "protocols": {"missing": {"auc_per_checkpoint": auc}},
+                "conditions": {"a": {"per_checkpoint": clean}}}
+
+    report = {"runs": {"A": run([1, 2, 3], [0.8, 0.7, 0.9], [0.6, 0.5, 0.7]),
+                       "B": run([3, 1, 2, 4], [0.85, 0.7, 0.6, 0.1], [0.5, 0.55, 0.52, 0.0])}}
+    pairs, table = robustness_pairs.pair_table(report)
+    (pair,) = pairs
+    assert pair["shared_seeds"] == [1, 2, 3]
+    a, b = [0.6, 0.5, 0.7], [0.55, 0.52, 0.5]  # B's seed order 3, 1, 2, 4 re-paired
+    missing = pair["columns"]["AUC missing"]
+    assert missing["difference"] == pytest.approx((sum(a) - sum(b)) / 3)
+    assert missing["p"] == pytest.approx(stats.ttest_rel(a, b).pvalue)
+    assert "| B | 4 |" in table and "| A | B | 3 |" in table

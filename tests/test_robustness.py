@@ -119,11 +119,19 @@ def test_robustness_overlays_runs_and_averages_their_seeds(two_runs):
                  "--metric", "mae"]) == 0
     report = json.loads((out / "robustness.json").read_text())
     assert set(report["runs"]) == {"lf", "tfn"}
-    for run in report["runs"].values():
+    for label, run in report["runs"].items():
         assert len(run["checkpoints"]) == 2
         curve = run["protocols"]["missing"]
         assert math.isfinite(curve["mean"][1]) and curve["mean"][1] != curve["mean"][0]
         assert len({round(c["mean"], 9) for c in run["conditions"].values()}) > 1
+        # per-checkpoint values (for paired tests over training seeds), in checkpoint order: each
+        # checkpoint's clean score is its seed's own test MAE; the AUC is linear in the curve
+        for seed, clean in zip((1, 2), run["clean_per_checkpoint"], strict=True):
+            assert clean == pytest.approx(json.loads((two_runs / label / f"seed_{seed}" / "metrics.json")
+                                                     .read_text())["test"]["mae"])
+        assert sum(curve["auc_per_checkpoint"]) / 2 == pytest.approx(curve["auc"])
+        assert len(set(curve["auc_per_checkpoint"])) == 2
+        assert run["conditions"]["ta"]["mean"] == pytest.approx(sum(run["conditions"]["ta"]["per_checkpoint"]) / 2)
     assert (out / "robustness.png").is_file()
 
 

@@ -12,7 +12,9 @@ Per protocol with levels, from the curve m(r) of the metric over the levels:
                    (m(r) - clean) / |clean| for lower-is-better ones: > 0 means worse than clean.
 Level 0 is the clean score (a level-0 corruption is the identity). Several checkpoints (the
 training seeds of a run folder) are averaged: every reported number is the mean over
-(checkpoint, corruption seed) evaluations, `std` the population std over them.
+(checkpoint, corruption seed) evaluations, `std` the population std over them; the JSON also
+keeps each checkpoint's clean score, AUC and condition scores (`*per_checkpoint`, in the order
+of `checkpoints`).
 
 Entry point: `robustness_report(checkpoints_by_run, ...)` -> dict; it writes robustness.json,
 robustness.md and robustness.png into `out_dir`.
@@ -99,7 +101,8 @@ def summarise(raw: list[dict], protocols, levels, metric: str) -> dict:
     """Average raw scores of several checkpoints into curves, AUCs, relative drops."""
     lower = metric in LOWER_IS_BETTER
     clean = float(np.mean([r["clean"] for r in raw]))
-    result: dict = {"clean": clean, "clean_std": float(np.std([r["clean"] for r in raw])), "protocols": {}}
+    result: dict = {"clean": clean, "clean_std": float(np.std([r["clean"] for r in raw])),
+                    "clean_per_checkpoint": [r["clean"] for r in raw], "protocols": {}}
     for protocol in protocols:
         if protocol == "conditions":
             result["conditions"] = {}
@@ -108,7 +111,7 @@ def summarise(raw: list[dict], protocols, levels, metric: str) -> dict:
                 mean = float(np.mean(values))
                 result["conditions"][name] = {
                     "present": list(CONDITIONS[name]), "mean": mean, "std": float(np.std(values)),
-                    "relative_drop": relative_drop(clean, mean, lower),
+                    "relative_drop": relative_drop(clean, mean, lower), "per_checkpoint": values,
                 }
             continue
         means = [float(np.mean([v for r in raw for v in r[protocol][level]])) for level in levels]
@@ -117,6 +120,10 @@ def summarise(raw: list[dict], protocols, levels, metric: str) -> dict:
             "levels": list(levels), "mean": means, "std": stds,
             "auc": normalised_auc(list(levels), means),
             "relative_drop": [relative_drop(clean, v, lower) for v in means],
+            # each checkpoint's own curve (mean over corruption seeds): for paired tests over
+            # training seeds (benchmarks/robustness_pairs.py)
+            "auc_per_checkpoint": [normalised_auc(list(levels), [float(np.mean(r[protocol][level])) for level in levels])
+                                   for r in raw],
         }
     return result
 
