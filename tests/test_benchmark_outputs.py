@@ -107,3 +107,21 @@ def test_robustness_pairs_pairs_by_training_seed():
     assert missing["difference"] == pytest.approx((sum(a) - sum(b)) / 3)
     assert missing["p"] == pytest.approx(stats.ttest_rel(a, b).pvalue)
     assert "| B | 4 |" in table and "| A | B | 3 |" in table
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--trials", "10"], "published with 30 trials; this run has 10"),
+    (["--trials", "30", "--seeds", "1", "2"], "published with 5 seeds, the configs' own epochs; this run has 2 seeds"),
+    (["--trials", "40", "--set", "train.epochs=10"], "this run has 5 seeds, ≤10 epochs"),
+    (["--trials", "40", "--no-final"], "this run has 0 seeds"),
+])
+def test_tune_publish_refuses_a_weaker_study_before_running(monkeypatch, args, message):
+    import tune_mosi
+
+    published = json.loads((ROOT / "benchmarks" / "results" / "tune_mosi.json").read_text())
+    assert published["lf_dnn-w1"]["trials"] == 30 and len(published["lf_dnn-w1"]["seeds"]) == 5
+    started = []
+    monkeypatch.setattr(tune_mosi.subprocess, "Popen", lambda *a, **k: started.append(a))
+    with pytest.raises(SystemExit, match=message):
+        tune_mosi.main([*args, "--publish"])
+    assert started == []
