@@ -94,6 +94,9 @@ class TrainConfig(Validated, section="train"):
     tensorboard: bool = False
     """Also write the per-epoch log as TensorBoard scalars to OUT/seed_<s>/tensorboard
     (needs `pip install tensorboard`)."""
+    mlflow: str = ""
+    """MLflow tracking URI to also log params and per-epoch metrics to, e.g. `sqlite:///runs/mlflow.db`
+    or `http://host:5000`; "" = off (needs `pip install mlflow-skinny`; msakit/train/tracking.py)."""
     corruption: CorruptionConfig = field(default_factory=CorruptionConfig)
     """Robust training: corrupt the training batches (msakit.corruption; e.g.
     `train.corruption.protocol=missing train.corruption.mode=random train.corruption.rate=1`)."""
@@ -124,6 +127,9 @@ class TrainConfig(Validated, section="train"):
             raise ConfigError(f"train.precision must be 32, bf16 or 16, got {self.precision!r}")
         if self.grad_accumulation < 1:
             raise ConfigError("train.grad_accumulation must be >= 1")
+        if self.mlflow and "://" not in self.mlflow:
+            raise ConfigError(f"train.mlflow must be an MLflow tracking URI such as sqlite:///runs/mlflow.db "
+                              f"or http://host:5000, got {short_repr(self.mlflow)}")
 
 
 @dataclass

@@ -162,7 +162,7 @@ def _identity(cfg: ExperimentConfig, space: dict, tune_seed: int) -> dict:
     run-time options, the search space and the tuning seed."""
     tree = cfg.to_dict()
     tree["data"] = {k: v for k, v in tree["data"].items() if k not in ("data_root", "data_path")}
-    skip = ("device", "progress", "num_threads", "tensorboard", "seeds")
+    skip = ("device", "progress", "num_threads", "tensorboard", "mlflow", "seeds")
     tree["train"] = {k: v for k, v in tree["train"].items() if k not in skip}
     return json.loads(json.dumps({"config": tree, "space": space, "tune_seed": tune_seed}))
 

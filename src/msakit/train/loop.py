@@ -44,7 +44,7 @@ from msakit.data import MultimodalData, to_loader
 from msakit.data.base import DatasetInfo, SplitArrays
 from msakit.metrics import SELECTION_DEFAULTS, compute_metrics, is_better
 from msakit.registry import create_model
-from msakit.train import distributed
+from msakit.train import distributed, tracking
 from msakit.train.checkpoint import (
     CHECKPOINT_FORMAT,
     load_checkpoint,
@@ -338,7 +338,7 @@ def fit(
         bad_epochs, history = state["bad_epochs"], state["history"]
         log.info("seed %d: resumed from %s at epoch %d", seed, last_path, start_epoch)
     stopped = bool(history) and history[-1].get("stopped", False)
-    board = _tensorboard_writer(run_dir) if train_cfg.tensorboard and ctx.main else None
+    trackers = tracking.open_trackers(cfg, run_dir) if ctx.main else tracking.Trackers()
     corruption = BatchCorruption.from_config(train_cfg.corruption, data.splits["train"], seed)
     valid_transform = corruption.for_validation() if corruption and train_cfg.corruption.validate else None
 
@@ -419,15 +419,12 @@ def fit(
                 last_path,
             )
             write_text("".join(_json_line(r) for r in history), run_dir / "log.jsonl")
-            if board is not None:
-                for key, value in record.items():
-                    if isinstance(value, (int, float)) and key != "epoch":
-                        board.add_scalar(key.replace("_", "/", 1), value, epoch + 1)
-                board.flush()
+            trackers.log(record, epoch + 1)
         stopped = record["stopped"]
         if on_epoch is not None:
             on_epoch(epoch + 1, value)
 
+    trackers.close()
     if best_epoch < 1:  # never defined: best_state would be the INITIAL weights
         raise TrainingError(
             f"seed {seed}: validation {metric} was undefined (NaN) at every epoch, so no checkpoint "
@@ -461,13 +458,6 @@ def _refuse_for_custom_step(cfg: ExperimentConfig) -> None:
             raise TrainingError(f"model {cfg.model_name!r} has its own training step, which does "
                                 f"not support {option}; use the defaults (bf16 works)")
 
-
-def _tensorboard_writer(run_dir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as e:
-        raise TrainingError("train.tensorboard=true needs the tensorboard package: pip install tensorboard") from e
-    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
 
 def _json_line(record: dict) -> str:

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 LOCK_NAME = ".msakit.lock"
 RESUME_MAY_CHANGE = frozenset({
     "train.epochs", "train.progress", "train.device", "train.num_threads", "train.tensorboard",
+    "train.mlflow",
     "data.data_root", "data.data_path",
 })
 """Config keys a resume may change (`train.epochs` only upwards: checked against last.pt)."""
