@@ -459,7 +459,6 @@ def _refuse_for_custom_step(cfg: ExperimentConfig) -> None:
                                 f"not support {option}; use the defaults (bf16 works)")
 
 
-
 def _json_line(record: dict) -> str:
     return json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                        for k, v in record.items()}) + "\n"

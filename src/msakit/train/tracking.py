@@ -9,9 +9,10 @@ and closes at the end. Both are optional and off by default; `results.json`, `me
 - `train.mlflow=URI`: one MLflow run per seed in the experiment "<model>-<dataset>" of the
   tracking store URI (e.g. `sqlite:///runs/mlflow.db`, or a server `http://host:5000`): the
   flattened config as params, each epoch's numbers as metrics at step = epoch, the run folder as
-  the tag `msakit.run_dir`. `pip install mlflow-skinny` (or mlflow) is enough; a local SQLite
-  store needs sqlalchemy + alembic, which `msakit[tune]` (Optuna) already brings. MLflow 3's plain
-  folder store (`./mlruns`) is refused by MLflow itself unless MLFLOW_ALLOW_FILE_STORE=true.
+  the tag `msakit.run_dir` (a resumed seed continues in a new MLflow run). `pip install
+  mlflow-skinny` (or mlflow) is enough; a local SQLite store needs sqlalchemy + alembic, which
+  `msakit[tune]` (Optuna) already brings. MLflow 3's plain folder store (`./mlruns`) is refused by
+  MLflow itself unless MLFLOW_ALLOW_FILE_STORE=true.
 A missing package is a TrainingError naming the option and the package (the CLI exits 2).
 """
 
@@ -36,9 +37,8 @@ class Trackers:
         self._unfinished = weakref.finalize(self, mlflow[0].set_terminated, mlflow[1], "KILLED") if mlflow else None
 
     def log(self, record: dict, epoch: int) -> None:
-        """Mirror one epoch's record: every int/float value except `epoch` itself."""
-        numbers = {k: float(v) for k, v in record.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "epoch"}
+        """Mirror one epoch's record: every number (booleans as 0/1) except `epoch` itself."""
+        numbers = {k: float(v) for k, v in record.items() if isinstance(v, (int, float)) and k != "epoch"}
         if self.board is not None:
             for key, value in numbers.items():
                 self.board.add_scalar(key.replace("_", "/", 1), value, epoch)
