@@ -26,6 +26,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from results_store import PUBLISHED, add_output_args, refuse_weaker, results_dir, update_json
@@ -63,7 +64,8 @@ def search_span(out: Path, study: str) -> float:
     return (max(ends) - min(t.datetime_start for t in trials if t.datetime_start)).total_seconds()
 
 
-def run(config: str, args: argparse.Namespace) -> tuple[str, dict]:
+def run(config: str, args: argparse.Namespace) -> Iterator[tuple[str, dict]]:
+    """Search, final seeds, then (with --set) the shipped config: yields the entry after each."""
     name = f"{Path(config).parent.name}-w{args.workers}{args.tag}"
     out = Path(args.out).resolve() / "runs" / name
     out.mkdir(parents=True, exist_ok=True)
@@ -85,21 +87,22 @@ def run(config: str, args: argparse.Namespace) -> tuple[str, dict]:
                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=True)
         final = json.loads((out / "final" / "results.json").read_text())
         entry.update(test_mean=final["test_mean"], test_std=final["test_std"])
-    if args.set and not args.no_final:  # the overrides (an epoch cap) apply to the shipped config too
-        shipped = out / "shipped"
-        with (out / "shipped.log").open("a") as log:
-            subprocess.run([sys.executable, "-m", "msakit", "train", "--config", config, "--data-root", args.data_root,
-                            "--out", str(shipped), "--quiet", "--seeds", *map(str, args.seeds), "--set",
-                            "train.num_threads=1", *args.set, *(["--resume"] if shipped.is_dir() else [])],
-                           env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=True)
-        final = json.loads((shipped / "results.json").read_text())
-        entry.update(shipped_test_mean=final["test_mean"], shipped_test_std=final["test_std"])
     study = json.loads((out / "study.json").read_text())
     best = min((t for t in study["trials"] if t["state"] == "COMPLETE"), key=lambda t: t["value"])
     entry.update(counts=study["counts"], best_valid=best["value"], best_params=best["params"],
                  importances=study["importances"],
                  trial_seconds=sum(t["seconds"] or 0 for t in study["trials"]))
-    return name, entry
+    yield name, entry  # saved before the shipped run below, which may be stopped
+    if args.set and not args.no_final:  # the overrides (an epoch cap) apply to the shipped config too
+        shipped = out / "shipped"
+        with (out / "shipped.log").open("a") as log:
+            subprocess.run([sys.executable, "-m", "msakit", "train", "--config", config, "--data-root",
+                            args.data_root, "--out", str(shipped), "--quiet", "--seeds", *map(str, args.seeds),
+                            "--set", "train.num_threads=1", *args.set,
+                            *(["--resume"] if (shipped / "config.yaml").is_file() else [])],
+                           env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=True)
+        final = json.loads((shipped / "results.json").read_text())
+        yield name, {**entry, "shipped_test_mean": final["test_mean"], "shipped_test_std": final["test_std"]}
 
 
 def cell(mean: dict, std: dict, key: str) -> str:
@@ -173,15 +176,15 @@ def main(argv: list[str] | None = None) -> None:
         for name, entry in planned.items():
             check_publish(published, name, entry)
     for config in args.configs:
-        name, entry = run(config, args)
-        print(name, json.dumps(entry)[:400], flush=True)
+        for name, entry in run(config, args):
+            print(name, json.dumps(entry)[:400], flush=True)
 
-        def add(current: dict, name=name, entry=entry) -> dict:
-            if args.publish:  # again at write time: another process may have published meanwhile
-                check_publish(current, name, entry)
-            return {**current, name: entry}
+            def add(current: dict, name=name, entry=entry) -> dict:
+                if args.publish:  # again at write time: another process may have published meanwhile
+                    check_publish(current, name, entry)
+                return {**current, name: entry}
 
-        write_markdown(update_json(store, add), store.with_suffix(".md"))
+            write_markdown(update_json(store, add), store.with_suffix(".md"))
     print(f"wrote {store} and {store.with_suffix('.md').name}" + ("" if args.publish else
           "; benchmarks/results/ untouched (--publish writes it)"))
 
