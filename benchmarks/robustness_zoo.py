@@ -70,7 +70,8 @@ ABLATIONS = {
 }
 
 
-def train(name: str, stem: str, sets: list[str], args) -> Path:
+def train(name: str, stem: str, sets: list[str], args) -> tuple[Path, bool]:
+    """-> (the run folder, whether it was already trained with this config and reused)."""
     path = ROOT / "configs" / f"{stem.format(d=args.dataset)}.yaml"
     tree = load_yaml(path)
     overrides = [f"data.name={args.dataset}", f"train.seeds=[{', '.join(map(str, args.seeds))}]",
@@ -85,12 +86,12 @@ def train(name: str, stem: str, sets: list[str], args) -> Path:
     # folder trained before a model fix has the same config: delete it to retrain
     if done.is_file() and build_config(json.loads(done.read_text())["config"]).to_dict() == cfg.to_dict():
         logging.info("%s: reusing %s", name, out)
-        return out
+        return out, True
     started, cpu = time.perf_counter(), time.process_time()
     run_experiment(cfg, out, resume=True)
     write_text(json.dumps({"seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu,
                            "config": str(path), "sets": sets}) + "\n", out / "benchmark.json")
-    return out
+    return out, False
 
 
 def main() -> None:
@@ -122,13 +123,26 @@ def main() -> None:
         if args.publish and old and args.group == "zoo":
             refuse_weaker(f"{name} ({published.name})", len(old["training"]["seeds"]), old["training"]["max_epochs"],
                           len(args.seeds), args.epochs)
-        folder = train(name, stem, sets, args)
+        folder, reused = train(name, stem, sets, args)
         if args.group != "zoo":
             continue
+        checkpoints = run_checkpoints(folder)
+        # a reused run whose row was evaluated at these levels and corruption seeds keeps its
+        # protocols (evaluation is deterministic); only the protocols it lacks are evaluated
+        keep = reused and old and old["checkpoints"] == [str(c) for c in checkpoints] and \
+            json.loads(published.read_text())["levels"] == args.levels and \
+            json.loads(published.read_text())["seeds"] == args.corruption_seeds
+        kept = {*old["protocols"], *(["conditions"] if "conditions" in old else [])} if keep else set()
+        todo = [p for p in protocols if p not in kept]
         cpu = time.process_time()
-        report = robustness_report({name: run_checkpoints(folder)}, protocols=protocols,
-                                   levels=args.levels, seeds=args.corruption_seeds)
+        report = robustness_report({name: checkpoints}, protocols=todo, levels=args.levels, seeds=args.corruption_seeds)
         run = report["runs"][name]
+        if keep:
+            logging.info("%s: kept %s from the published row, evaluated %s", name, sorted(kept), todo)
+            run = {**old, **run, "protocols": {p: (run["protocols"].get(p) or old["protocols"][p])
+                                               for p in protocols if p != "conditions"},
+                   "conditions": run.get("conditions") or old["conditions"]}
+            report["runs"][name] = run
         run["training"] = {"seeds": args.seeds, "max_epochs": args.epochs,
                            **json.loads((folder / "benchmark.json").read_text())}
         run["evaluation_cpu_seconds"] = time.process_time() - cpu
