@@ -30,7 +30,7 @@ PARTS = {
     "head": ["model.name=unimodal", "data.name=mosei-text"],
     "text_bert": ["model.name=text_bert", "data.name=mosei-text", "data.text_encoder=none",
                   "model.text_lr=5e-5", "model.max_tokens=64", "train.weight_decay=0.01",
-                  "data.batch_size=32"],
+                  "data.batch_size=32", "model.length_chunk=8"],
 }
 
 

@@ -82,7 +82,7 @@ class FakeLandmarker:
 
 
 def test_frames_without_a_face_are_left_out_not_zero_filled(clips, monkeypatch):
-    extractor = Extractor(MediaConfig(**TINY))
+    extractor = Extractor(MediaConfig(**TINY, vision_fps=10.0))
     monkeypatch.setattr(extractor, "_face_model", FakeLandmarker)
     result = extractor.extract(clips / "media" / "c0.mp4", transcript="hello there")
     vision = result["features"]["vision"]
@@ -90,6 +90,13 @@ def test_frames_without_a_face_are_left_out_not_zero_filled(clips, monkeypatch):
     np.testing.assert_allclose(vision[:, 0], [0.0, 0.02, 0.04, 0.06, 0.08])  # only the face frames
     np.testing.assert_allclose(vision[:, 52:], 0.0, atol=1e-7)  # identity pose: yaw = pitch = roll = 0
     assert result["present"]["vision"] and "vision" not in result["reasons"]
+
+
+def test_default_frame_rate_is_5_or_10_when_aligned():
+    assert MediaConfig().vision_fps == 5.0 and MediaConfig(aligned=True).vision_fps == 10.0
+    assert MediaConfig(vision_fps=2.0, aligned=True).vision_fps == 2.0
+    old = {**MediaConfig().to_dict(), "vision_fps": 10.0}  # a recipe recorded before the change
+    assert MediaConfig.from_dict(old).vision_fps == 10.0
 
 
 def test_word_alignment_averages_each_span(clips, monkeypatch):
@@ -132,6 +139,7 @@ def test_extract_reports_bad_clips_drop_or_mask(clips, tmp_path):
     assert train["audio_present"][good] == 1 and train["audio_lengths"][good] >= 45  # 50 Hz for ~1 s
     assert train["raw_text"][good] == "this is great"
     assert raw["msakit"]["extraction"]["audio"] == "librosa" and raw["msakit"]["extraction"]["dims"]["audio"] == 24
+    assert raw["msakit"]["extraction"]["vision_fps"] == 5.0  # the default, recorded as a number
     data = read_mmsa(tmp_path / "mask.pkl")  # the MMSA reader takes it unchanged
     assert {s: len(a) for s, a in data.splits.items()} == {"train": 4, "valid": 2, "test": 2}
     assert data.info.feature_dims == {"text": 32, "audio": 24, "vision": 62 - 7}
@@ -221,6 +229,17 @@ def test_every_real_model_on_a_generated_clip(clips):
     else:
         assert result["reasons"]["text"] == "no speech recognised"
     assert set(result["cpu_s"]) >= {"decode", "audio", "face", "asr"}
+    assert "expression" not in result["cpu_s"]  # no face: the expression model never ran
+
+
+def test_expression_crop_is_the_landmark_box_plus_margin():
+    rgb = np.zeros((100, 200, 3), np.uint8)
+    rgb[20:80, 50:150] = 255  # the face box: x 0.25-0.75, y 0.2-0.8 of the frame
+    crop = Extractor._crop(rgb, np.array([0.25, 0.2, 0.75, 0.8]))
+    assert crop.shape == (64, 64)
+    # 10% margin on each side: the white box fills 100/121 of the width and 60/73 of the height
+    assert abs(crop.mean() / 255 - (100 / 121) * (60 / 73)) < 0.02
+    assert crop[32, 32] == 255 and crop[0, 0] == 0 and crop[63, 63] == 0
 
 
 @pytest.fixture(scope="module")
@@ -262,10 +281,11 @@ def test_real_clip_full_stack(real_clip):
     assert all(result["present"].values()) and not result["reasons"]
     assert 2.8 <= result["duration"] <= 3.2
     assert features["audio"].shape[1] == 24 and abs(features["audio"].shape[0] - 150) <= 3  # 50 Hz
-    assert features["vision"].shape == (30, 62)  # 10 fps, a face in every sampled frame
+    assert features["vision"].shape == (15, 62)  # 5 fps (the default), a face in every sampled frame
     np.testing.assert_allclose(features["vision"][:, 55:].sum(1), 1.0, atol=1e-3)  # 7 probabilities
     assert (features["vision"][:, :52] >= 0).all() and (features["vision"][:, :52] <= 1).all()
     assert "punch is a failure" in result["transcript"].lower()  # Whisper tiny.en on 3 s
+    assert set(result["cpu_s"]) == {"decode", "audio", "face", "expression", "asr", "text"}
     assert features["text"].shape[1] == 384 and features["text"].shape[0] == len(result["text_ids"])
     aligned = Extractor(MediaConfig(aligned=True))
     aligned._asr, aligned._text = extractor._asr, extractor._text  # share the loaded models

@@ -171,3 +171,27 @@ def test_text_baseline_trains_on_the_transcripts(tmp_path):
     assert {"acc", "f1_macro", "precision_macro", "recall_macro", "f1_weighted"} <= set(results["test_mean"])
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert any("TEXT-ONLY" in n for n in saved["notes"])
+
+
+def test_text_bert_length_chunks_change_only_the_padding(tmp_path):
+    """length_chunk runs the encoder on length-sorted chunks: same outputs and gradients, batch order kept."""
+    from msakit.models.text_baseline import TextBertConfig
+    from msakit.registry import create_model
+
+    write_tsvs(tmp_path / "mintrec", {"train.tsv": 6, "dev.tsv": 2, "test.tsv": 2})
+    data = load_dataset(DataConfig(name="mintrec", data_root=str(tmp_path)))
+    batch = next(iter(to_loader(data.splits["train"], data.info, batch_size=6, shuffle=False)))
+    batch.texts = ["a much longer utterance than all the others here", "hi", "short one", "ok then",
+                   "a medium sized utterance", "yes"]
+    outputs, grads = [], []
+    for chunk in (0, 2):
+        torch.manual_seed(0)
+        model = create_model("text_bert", TextBertConfig.tiny(), data.info)
+        model.cfg.length_chunk = chunk
+        model.eval()
+        out = model(batch).prediction
+        out.square().sum().backward()
+        outputs.append(out.detach())
+        grads.append(model.encoder.model.embeddings.word_embeddings.weight.grad.clone())
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)

@@ -454,7 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--audio", default="librosa", choices=["librosa", "opensmile", "none"])
     extract.add_argument("--vision", default="mediapipe", choices=["mediapipe", "none"])
     extract.add_argument("--no-expressions", action="store_true", help="no fer expression probabilities")
-    extract.add_argument("--fps", type=float, default=10.0, help="video frames sampled per second")
+    extract.add_argument("--fps", type=float, default=None,
+                         help="video frames sampled per second (default 5; 10 with --aligned)")
     extract.add_argument("--text-encoder", default="minilm", help="minilm, tiny or a local model folder")
     extract.add_argument("--aligned", action="store_true", help="word-level alignment (ASR word times)")
     extract.add_argument("--workers", type=int, default=1, help="processes")

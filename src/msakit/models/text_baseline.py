@@ -53,6 +53,10 @@ class TextBertConfig(ModelConfig):
     """Keep the encoder fixed (a linear probe on frozen features)."""
     seed: int = field(default=0, metadata=bounds(0, 2**63 - 1))
     """Seed of the random weights of the "tiny" encoder (ignored for loaded weights)."""
+    length_chunk: int = field(default=0, metadata=bounds(0))
+    """[ours] Run the encoder on the batch's texts sorted by length, this many at a time, each
+    chunk padded only to its own longest text (0 = the whole batch at once). Same outputs and
+    gradients (up to float rounding), less padding: ~1.6x faster on CPU with 8 on MOSEI."""
 
     def __post_init__(self) -> None:
         check_choice("model.pooling", self.pooling, ("", "cls", "mean"))
@@ -112,7 +116,16 @@ class TextBert(nn.Module):
         device = self.head[1].weight.device
         if batch.texts is not None:
             ids, mask = self.encoder.tokenize(batch.texts, device)
-            return self.encoder.run(ids, mask)[-1], mask
+            chunk = self.cfg.length_chunk
+            if not chunk or chunk >= len(ids):
+                return self.encoder.run(ids, mask)[-1], mask
+            order = mask.sum(1).argsort()
+            pieces = []
+            for part in order.split(chunk):
+                steps = int(mask[part].sum(1).max())
+                states = self.encoder.run(ids[part, :steps], mask[part, :steps])[-1]  # [b, steps, H]
+                pieces.append(nn.functional.pad(states, (0, 0, 0, ids.shape[1] - steps)))  # zeros where masked
+            return torch.cat(pieces)[order.argsort()], mask  # batch order: [B, T, H]
         frames = self.feature_embed(batch.text)  # [B, L_t, H]
         cls_id = torch.full((frames.shape[0], 1), self._cls_id(), dtype=torch.long, device=device)
         cls = self.encoder.model.embeddings.word_embeddings(cls_id)  # [B, 1, H]
