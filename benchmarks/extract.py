@@ -1,7 +1,7 @@
 """Cost of `msakit extract` per stage and of `msakit predict` from a cold start.
 
     python benchmarks/extract.py --data-root ../shared/data [--copies 4] [--rounds 3] [--workers 2]
-        [--fps 10 5] [--checkpoint runs/mosei_text_head/seed_1/best.pt]
+        [--fps 5 10] [--checkpoint runs/mosei_text_head/seed_1/best.pt]
 
 Media: --copies copies of the real MOSI clip ../shared/data/media/Oz06ZWiO20M_6.mp4 (7.47 s, 30 fps,
 480x360, a face in every frame). Full default stack: PyAV decode, librosa audio (50 Hz), MediaPipe
@@ -11,7 +11,8 @@ face landmarks + blendshapes + head pose ("face"), the fer expression model on t
 Extraction: per stage, the process CPU seconds per second of video, measured inside the
 extraction of each clip (model loading is excluded: `Extractor.warm_up`), summed over the clips of
 a run. Runs: one worker (one thread) and N worker processes at the first --fps (the extractor's
-default: 10), and one worker at each further --fps; each configuration runs --rounds times,
+default: 5), and one worker at each further --fps (10: the default before the face stage was
+measured); each configuration runs --rounds times,
 interleaved (round 1 of every configuration, then round 2, ...) so that all see the same machine
 load; reported: the median over rounds per stage, the total's median and range, wall seconds per
 video-second, and the load average. Every run writes a fresh output (no per-clip cache hit).
@@ -156,7 +157,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--fps", type=float, nargs="+", default=None,
-                        help="frame rates; the first also runs with --workers (default: the extractor's, then 5)")
+                        help="frame rates; the first also runs with --workers (default: the extractor's, then 10)")
     parser.add_argument("--checkpoint", default=str(ROOT / "runs" / "mosei_text_head" / "seed_1" / "best.pt"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args()
@@ -169,8 +170,9 @@ def main() -> None:
     source = Path(args.data_root) / CLIP
     if not source.is_file():
         sys.exit(f"{source} not found: pass --data-root to the shared data folder")
-    fps = args.fps or [MediaConfig().vision_fps, 5.0]
+    fps = args.fps or [MediaConfig().vision_fps, 10.0]
     configs = [(1, fps[0])] + ([(args.workers, fps[0])] if args.workers > 1 else []) + [(1, f) for f in fps[1:]]
+    configs = list(dict.fromkeys(configs))
     work = Path(tempfile.mkdtemp(prefix="msakit_extract_"))
     folder = work / "clips"
     folder.mkdir()
@@ -178,9 +180,9 @@ def main() -> None:
         shutil.copy(source, folder / f"clip{i}.mp4")
     report = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
               "clips": args.copies, "rounds": args.rounds, "default_fps": MediaConfig().vision_fps, "runs": []}
-    for r in range(args.rounds):
+    for _ in range(args.rounds):
         for workers, rate in configs:
-            run = run_extract(folder, work / f"out_{r}_{workers}_{rate:g}" / "clips.pkl", workers, rate)
+            run = run_extract(folder, work / f"out_{len(report['runs'])}" / "clips.pkl", workers, rate)
             report["runs"].append(run)
             print(json.dumps(run), flush=True)
     report["rows"] = [median_row([x for x in report["runs"] if (x["workers"], x["fps"]) == c]) for c in configs]
