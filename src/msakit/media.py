@@ -115,9 +115,10 @@ class MediaConfig:
     """Add the 7 fer expression probabilities to each face frame."""
     vision_fps: float | None = None
     """Sampled video frames per second (<= 0: every decoded frame); None = the default, 5, or 10
-    with `aligned` (most words then get a frame). The face stage costs ~0.012 CPU-s per sampled
-    frame, about half of the whole extraction at 10 fps (benchmarks/results/extract.md); 5 keeps
-    the full stack below 0.42 CPU-s per video-second. Recorded resolved (a number) in the output."""
+    with `aligned` (most words then get a frame). The face stage is the one that grows with the
+    rate: 0.056 CPU-s per video-second at 5 fps, 0.121 at 10 (benchmarks/results/extract.md;
+    single runs at 10 fps on the loaded shared machine reached 0.47 for the full stack, above
+    the 0.42 target). Recorded resolved (a number) in the output."""
     text_features: str = "tokens"
     """"tokens" (hidden state per token), "sentence" (one pooled vector) or "none"."""
     text_encoder: str = "minilm"
