@@ -87,9 +87,11 @@ DIFFERENCES = {
     "lf_dnn": "msakit's LF-DNN text encoder is a masked mean + MLP, MMSA's an LSTM (128) + Linear "
               "(256): the models differ in their text subnet",
     "lmf": "audio/vision subnets without BatchNorm; packed LSTM over the real words",
-    "mult": "MMSA: batch 16 with gradients accumulated over 8 batches (update_epochs 8); msakit: "
-            "batch 128 (the same samples per optimiser step); masked mean pooling and key-padding "
-            "masks (see the MulT docstring); gradient clipping by global norm, MMSA by value",
+    "mult": "the same batch 16 with gradients of 8 batches per step, but MMSA sums them and clips "
+            "each batch's running sum by value (0.6), msakit averages them and clips the global "
+            "norm (0.6); MMSA drops the epoch's last incomplete window, msakit steps on it; masked "
+            "mean pooling and key-padding masks (see the MulT docstring); attention dropout masks "
+            "drawn as rand >= p (msakit) instead of bernoulli (MMSA)",
 }
 
 
@@ -278,7 +280,7 @@ def summarise(model: str, pairs: list[dict]) -> dict:
     }
 
 
-def report(rows: list[dict], args: argparse.Namespace) -> str:
+def report(rows: list[dict], args: argparse.Namespace, loads: list[float]) -> str:
     layout = "aligned 50/50/50" if args.aligned else "unaligned 50/500/375"
     lines = [
         "# msakit vs thuiar/MMSA 2.2.1, side by side",
@@ -290,6 +292,9 @@ def report(rows: list[dict], args: argparse.Namespace) -> str:
         "(median over a run's epochs, then over pairs). ratio = msakit / MMSA epoch time per pair. "
         "Test metrics: the best-on-validation checkpoint of a short run (a sanity check of equal "
         "accuracy, not a result).",
+        "",
+        f"Machine: {os.cpu_count()} cores, shared; 1-minute load average {min(loads):.1f}-"
+        f"{max(loads):.1f} over the runs (sampled before each run).",
         "",
         "| model | epoch s (msakit) | epoch s (MMSA) | ratio min | ratio median | load s (msakit / MMSA) "
         "| peak RSS MiB (msakit / MMSA) | test MAE (msakit / MMSA) | Non0-Acc2 % (msakit / MMSA) |",
@@ -336,18 +341,20 @@ def main() -> None:
     data = out / ("aligned_50.pkl" if args.aligned else "unaligned_50.pkl")
     if not data.exists():
         write_data(data, args.aligned)
-    rows = []
+    rows, loads = [], []
     for model in args.models:
         pairs = []
         for k in range(args.pairs):
+            loads.append(os.getloadavg()[0])
             ours = run_child(sys.executable, "msakit", model, args, data, out / "work" / model / f"ours{k}")
+            loads.append(os.getloadavg()[0])
             theirs = run_child(str(mmsa_python), "mmsa", model, args, data, out / "work" / model / f"theirs{k}")
             pairs.append({"msakit": ours, "mmsa": theirs})
             print(f"{model} pair {k + 1}: msakit {statistics.median(ours['epoch_seconds']):.2f} s/epoch, "
                   f"MMSA {statistics.median(theirs['epoch_seconds']):.2f} s/epoch", flush=True)
         rows.append({**summarise(model, pairs), "pairs": pairs})
-    text = report(rows, args)
-    (out / "against_mmsa.json").write_text(json.dumps(rows, indent=1))
+    text = report(rows, args, loads)
+    (out / "against_mmsa.json").write_text(json.dumps({"rows": rows, "loads": loads}, indent=1))
     (out / "against_mmsa.md").write_text(text)
     print(text)
     if args.publish:

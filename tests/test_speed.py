@@ -33,9 +33,41 @@ def test_attention_matches_the_plain_formula_with_padding_and_empty_rows(trainin
     ours = module(query, key_value, key_value, key_mask)
     torch.manual_seed(1)
     reference = _reference_attention(module, query, key_value, key_mask,
-                                     module.dropout if training else (lambda w: w))
+                                     _rand_dropout(0.3) if training else (lambda w: w))
     assert torch.allclose(ours, reference, atol=1e-5)
     assert torch.isfinite(ours).all()
+
+
+def _rand_dropout(p):
+    return lambda w: w * (torch.rand(w.shape) >= p) / (1 - p)
+
+
+def test_attention_with_dropout_has_the_plain_formulas_gradients_and_stores_one_byte_per_weight():
+    torch.manual_seed(0)
+    module = MaskedMultiheadAttention(16, 4, dropout=0.3).double()
+    query = torch.randn(3, 20, 16, dtype=torch.double, requires_grad=True)
+    key_value = torch.randn(3, 30, 16, dtype=torch.double, requires_grad=True)
+    key_mask = torch.ones(3, 30, dtype=torch.bool)
+    key_mask[1, 10:], key_mask[2] = False, False
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    torch.manual_seed(1)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        ours = module(query, key_value, key_value, key_mask)
+    grads = torch.autograd.grad(ours.square().sum(), [query, key_value, *module.parameters()])
+    torch.manual_seed(1)
+    reference = _reference_attention(module, query, key_value, key_mask, _rand_dropout(0.3))
+    expected = torch.autograd.grad(reference.square().sum(), [query, key_value, *module.parameters()])
+    assert torch.allclose(ours, reference, atol=1e-10)
+    for g, e in zip(grads, expected, strict=True):
+        assert torch.allclose(g, e, atol=1e-9)
+    weights = 3 * 4 * 20 * 30  # [B, H, L_q, L_k]
+    # plain autograd stores 3 float tensors of that size; here only the bool dropout mask is
+    assert weights <= max(saved) < 2 * weights
 
 
 def test_wide_dropout_keeps_one_minus_p_scaled_and_is_identity_in_eval():
