@@ -94,7 +94,7 @@ def write_file(path: Path, scale: float, with_inf: bool, seed: int = 0) -> int:
             n, dim = sizes[split], DIMS[m]
             f.write(pickle.BINBYTES8 + struct.pack("<Q", n * STEPS * dim * 4))
             for start in range(0, n, CHUNK):
-                block = rng.normal(size=(min(CHUNK, n - start), STEPS, dim)).astype(np.float32)
+                block = rng.standard_normal((min(CHUNK, n - start), STEPS, dim), dtype=np.float32)
                 real = np.arange(STEPS)[None, :] < lengths[split][start : start + len(block), None]
                 block[~real] = 0.0
                 if with_inf and m == "audio":

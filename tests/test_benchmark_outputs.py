@@ -42,7 +42,7 @@ def test_refuse_weaker(old, new, refused):
 def fake_worker_result(config: str, seeds: list[int]) -> dict:
     metrics = dict.fromkeys(mosi_poria.KEYS, 0.5)
     return {"model": "lf_dnn", "config": config, "test_mean": metrics, "test_std": dict.fromkeys(metrics, 0.0),
-            "per_seed": [], "samples_per_s": 1.0, "peak_rss_mb": 1.0, "wall_s": 1.0, "params": 1,
+            "per_seed": [], "samples_per_cpu_s": 1.0, "peak_rss_mb": 1.0, "wall_s": 1.0, "params": 1,
             "epochs_cap": 2, "seeds": seeds}
 
 

@@ -81,6 +81,17 @@ def test_wide_dropout_keeps_one_minus_p_scaled_and_is_identity_in_eval():
     assert torch.equal(layer.eval()(x), x)
 
 
+def test_wide_dropout_is_the_thresholded_uniform_draw_bit_for_bit():
+    x = torch.randn(4, 1000, requires_grad=True)
+    torch.manual_seed(3)
+    y = WideDropout(0.3)(x)
+    torch.manual_seed(3)
+    expected = x * (torch.rand(x.shape) >= 0.3).float() * (1 / 0.7)
+    assert torch.equal(y, expected)
+    y.sum().backward()
+    assert torch.equal(x.grad, (expected != 0).float() * (1 / 0.7))
+
+
 def test_dataset_is_validated_once(monkeypatch):
     from msakit.config import build_config
     from msakit.data import base, load_dataset

@@ -21,5 +21,6 @@ class WideDropout(nn.Dropout):
             return x
         if self.p >= 1.0:
             return x * 0.0
-        keep = torch.rand(x.shape, device=x.device) >= self.p
-        return x * keep.to(x.dtype) * (1.0 / (1.0 - self.p))
+        # one scaled float mask, built without autograd: one wide multiply forward and backward
+        scale = (torch.rand(x.shape, device=x.device) >= self.p).to(x.dtype).mul_(1.0 / (1.0 - self.p))
+        return x * scale
