@@ -285,8 +285,8 @@ def report(rows: list[dict], args: argparse.Namespace, loads: list[float]) -> st
     lines = [
         "# msakit vs thuiar/MMSA 2.2.1, side by side",
         "",
-        f"`python benchmarks/against_mmsa.py --pairs {args.pairs} --epochs {args.epochs} "
-        f"--threads {args.threads}`: MOSI-sized MMSA pickle ({layout}; 1284/229/686 samples), "
+        f"`python benchmarks/against_mmsa.py --models {' '.join(args.models)} --pairs {args.pairs} "
+        f"--epochs {args.epochs} --threads {args.threads}{' --aligned' if args.aligned else ''}`: MOSI-sized MMSA pickle ({layout}; 1284/229/686 samples), "
         f"{args.threads} torch threads, {args.epochs} epochs per run, {args.pairs} interleaved pairs "
         "(msakit, MMSA, msakit, MMSA, ...), each run a fresh process. Epoch = the training pass only "
         "(median over a run's epochs, then over pairs). ratio = msakit / MMSA epoch time per pair. "

@@ -1,7 +1,7 @@
 """Scale: a MOSEI-sized aligned MMSA pickle, loaded and trained on.
 
     nice -n 10 python benchmarks/mosei_scale.py [--threads 2] [--epochs 2] [--dir /tmp]
-        [--out DIR | --publish]
+        [--scale 1.0] [--out DIR | --publish]
 
 1. Writes a file with CMU-MOSEI's shape in thuiar/MMSA's `aligned_50.pkl` (16,326 / 1,871 /
    4,659 samples, 50 steps, text 768-d, audio 74-d, vision 35-d float32: 4.01 GB of features;
@@ -17,8 +17,9 @@
    pass would take on that many otherwise idle cores). Target: an epoch under 5 s on 2 cores.
 
 Writes mosei_scale.{json,md} into --out (default runs/benchmarks/mosei_scale/); --publish writes
-them into benchmarks/results/. Needs ~4 GB of disk in --dir and ~5 GB of free memory; on an idle
-2-core machine about 5 minutes (writing the file dominates).
+them into benchmarks/results/ (refused unless --scale 1). Needs ~4 GB of disk in --dir and ~5 GB
+of free memory; writing the file dominates (16 minutes on a heavily loaded 2-core machine in
+load_memory.py; much less idle). --scale 0.01 is a one-minute check of the whole pipeline.
 """
 
 from __future__ import annotations
@@ -74,17 +75,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--dir", default="/tmp")
+    parser.add_argument("--scale", type=float, default=1.0, help="shrink the sample counts (a check)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     add_output_args(parser, "mosei_scale")
     args = parser.parse_args()
     if args.child:
         print(json.dumps(train_epochs(args.child, args.threads, args.epochs)))
         return
+    if args.publish and args.scale != 1.0:
+        raise SystemExit("--publish refused: only the full-size run (--scale 1) is published")
 
     path = Path(args.dir) / "msakit-mosei-scale.pkl"
     loads = [os.getloadavg()[0]]
     started = time.perf_counter()
-    feature_bytes = write_file(path, 1.0, with_inf=False)
+    feature_bytes = write_file(path, args.scale, with_inf=False)
     written = time.perf_counter() - started
     try:
         loads.append(os.getloadavg()[0])
@@ -105,8 +109,9 @@ def main() -> None:
     lines = [
         "# MOSEI-sized aligned MMSA pickle: loading and an epoch of LF-DNN and TFN",
         "",
-        f"`python benchmarks/mosei_scale.py --threads {args.threads} --epochs {args.epochs}`: "
-        f"{SIZES['train']:,} / {SIZES['valid']:,} / {SIZES['test']:,} samples, {STEPS} steps, dims "
+        f"`python benchmarks/mosei_scale.py --threads {args.threads} --epochs {args.epochs} "
+        f"--scale {args.scale:g}`: {SIZES['train']:,} / {SIZES['valid']:,} / {SIZES['test']:,} "
+        f"samples x {args.scale:g}, {STEPS} steps, dims "
         f"{DIMS['text']}/{DIMS['audio']}/{DIMS['vision']} float32 ({feature_bytes / 1e9:.2f} GB of "
         f"features). Written in {written:.0f} s. Machine: {os.cpu_count()} cores, shared, 1-minute "
         f"load average {min(loads):.1f}-{max(loads):.1f} during the run.",
