@@ -1,7 +1,7 @@
 """Linear probes of per-modality encoders on the planted synthetic data (`msakit analyze --probes`).
 
     python benchmarks/probes_synthetic.py [--models lf_dnn pase dbr] [--seeds 1] [--epochs 5]
-        [--runs-dir runs/robustness] [--out DIR | --publish]
+        [--modalities text audio vision] [--runs-dir runs/robustness] [--out DIR | --publish]
 
 The synthetic generator plants a private label factor in audio and in vision, so a good audio
 (vision) encoder must carry it: a linear probe on the frozen encoder shows how much it does. For
@@ -54,6 +54,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["lf_dnn", "pase", "dbr"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[1])
     parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--modalities", nargs="+", default=list(ALONE), choices=list(ALONE),
+                        help="modalities with an alone-trained model beside the fused one")
     parser.add_argument("--runs-dir", default=str(ROOT / "runs" / "robustness"))
     add_output_args(parser, "probes_synthetic")
     args = parser.parse_args()
@@ -64,12 +66,13 @@ def main() -> None:
     for model in args.models:
         started = time.process_time()
         fused = train(model, f"{model}/{{d}}", [], args)[0]
-        alone = {m: train(f"{model}_alone_{c}", f"{model}/{{d}}", alone_sets(c), args)[0] for m, c in ALONE.items()}
+        alone = {m: train(f"{model}_alone_{c}", f"{model}/{{d}}", alone_sets(c), args)[0] for m, c in ALONE.items()
+                 if m in args.modalities}
         per_seed = [probe_report(fused / f"seed_{s}" / "best.pt",
                                  alone={m: str(folder / f"seed_{s}" / "best.pt") for m, folder in alone.items()})
                     for s in args.seeds]
         report["models"][model] = {"per_seed": per_seed, "cpu_seconds": time.process_time() - started}
-        for m in per_seed[0]["probes"]:
+        for m in [m for m in per_seed[0]["probes"] if m in alone]:
             (fm, fs), (am, as_) = stat(per_seed, "probes", m, "mae"), stat(per_seed, "alone", m, "mae")
             gaps = [r["alone"][m]["mae"]["test"] - r["probes"][m]["mae"]["test"] for r in per_seed]
             (fa, _), (aa, _) = stat(per_seed, "probes", m, "non0_acc2"), stat(per_seed, "alone", m, "non0_acc2")
