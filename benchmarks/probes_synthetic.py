@@ -80,12 +80,12 @@ def main() -> None:
             lines.append(f"| {model} | {m} | `{per_seed[0]['probes'][m]['module']}` | "
                          + (f"{fm:.3f} ± {fs:.3f} | {am:.3f} ± {as_:.3f}" if spread else f"{fm:.3f} | {am:.3f}")
                          + f" | {np.mean(gaps):+.3f} | {fa:.3f} | {aa:.3f} |")
-    text = (f"Linear probes on synthetic (test split; seeds {args.seeds}, at most {args.epochs} epochs; "
-            "benchmarks/probes_synthetic.py)\n\n" + "\n".join(lines) + "\n")
-    out = results_dir(args)
-    write_json(report, out / "probes_synthetic.json")
-    write_text(text, out / "probes_synthetic.md")
-    print(text)
+        text = (f"Linear probes on synthetic (test split; seeds {args.seeds}, at most {args.epochs} epochs; "
+                "benchmarks/probes_synthetic.py)\n\n" + "\n".join(lines) + "\n")
+        out = results_dir(args)  # written after every model: a stopped run keeps what it finished
+        write_json(report, out / "probes_synthetic.json")
+        write_text(text, out / "probes_synthetic.md")
+        print(text, flush=True)
 
 
 if __name__ == "__main__":
