@@ -13,8 +13,8 @@
    sections; the data section points at the file), and TFN with its text LSTM replaced by the
    masked-mean MLP encoder (`model.text_encoder=mlp`), `--epochs` training passes each
    (`throughput.measure_epoch`: the training steps and their batch collation; no validation).
-   Reported per epoch: wall seconds and process CPU seconds (CPU / threads = the wall time the
-   pass would take on that many otherwise idle cores). Target: an epoch under 5 s on 2 cores.
+   Reported per epoch: wall seconds and process CPU seconds (CPU / threads: an upper estimate of
+   the wall time on that many otherwise idle cores). Target: an epoch under 5 s on 2 cores.
 
 Writes mosei_scale.{json,md} into --out (default runs/benchmarks/mosei_scale/); --publish writes
 them into benchmarks/results/ (refused unless --scale 1). Needs ~4 GB of disk in --dir and ~5 GB
@@ -121,7 +121,7 @@ def main() -> None:
         "feature size (target <= 1.3x).",
         "",
         f"Training pass ({args.threads} torch threads; shipped default config of each model; "
-        "CPU s / threads = the wall time on that many idle cores; target < 5 s on 2 cores):",
+        "CPU s / threads: the wall time if every thread were busy the whole pass on otherwise idle cores; threads that spin-wait under load inflate CPU s, so it is an upper estimate; target < 5 s on 2 cores):",
         "",
         "| model | parameters | batch | epoch | wall s | CPU s | CPU s / threads | samples / wall-s |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
