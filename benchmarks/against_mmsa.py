@@ -15,7 +15,9 @@ What it does (every step is in this file; nothing of MMSA is vendored):
    theirs, ours, theirs, ...), each in a fresh process with the same thread count and epochs.
    MMSA runs through its own pieces: `MMDataLoader`, `AMIO`, `ATIO().getTrain(args).do_train`
    with MMSA's mosi config for the model, after replacing the two CUDA calls it makes
-   unconditionally (`torch.cuda.set_device`, `torch.cuda.empty_cache`) by no-ops before import.
+   unconditionally (`torch.cuda.set_device`, `torch.cuda.empty_cache`) by no-ops before import
+   (and letting `ReduceLROnPlateau` accept the `verbose` argument its MulT trainer passes, which
+   torch 2.13 removed).
    Its train loader is wrapped to time each training pass and to end training after `--epochs`
    passes; the best-on-validation weights it saved are then tested with its own `do_test`.
 4. Prints, per model: seconds per training epoch (the training pass only: no loading, no
@@ -195,6 +197,13 @@ def child_mmsa(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     torch.cuda.set_device = lambda *a, **k: None  # the two CUDA calls MMSA makes unconditionally
     torch.cuda.empty_cache = lambda: None
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau
+
+    class ReduceLROnPlateau(plateau):  # MMSA's MulT trainer passes `verbose`, gone from torch 2.13
+        def __init__(self, *a, verbose=None, **k):
+            super().__init__(*a, **k)
+
+    torch.optim.lr_scheduler.ReduceLROnPlateau = ReduceLROnPlateau
     from MMSA.config import get_config_regression
     from MMSA.data_loader import MMDataLoader
     from MMSA.models import AMIO
