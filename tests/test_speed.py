@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from msakit.modules.attention import MaskedMultiheadAttention
-from msakit.modules.dropout import WideDropout
+from msakit.modules.dropout import WideDropout, keep_mask
 
 
 def _reference_attention(module, query, key_value, key_mask, dropout=lambda w: w):
@@ -39,7 +39,10 @@ def test_attention_matches_the_plain_formula_with_padding_and_empty_rows(trainin
 
 
 def _rand_dropout(p):
-    return lambda w: w * (torch.rand(w.shape) >= p) / (1 - p)
+    def drop(w):
+        keep, scale = keep_mask(w.shape, p)
+        return w * keep * scale
+    return drop
 
 
 def test_attention_with_dropout_has_the_plain_formulas_gradients_and_stores_one_byte_per_weight():
@@ -81,15 +84,32 @@ def test_wide_dropout_keeps_one_minus_p_scaled_and_is_identity_in_eval():
     assert torch.equal(layer.eval()(x), x)
 
 
-def test_wide_dropout_is_the_thresholded_uniform_draw_bit_for_bit():
+def test_wide_dropout_is_the_keep_mask_draw_bit_for_bit():
     x = torch.randn(4, 1000, requires_grad=True)
     torch.manual_seed(3)
     y = WideDropout(0.3)(x)
     torch.manual_seed(3)
-    expected = x * (torch.rand(x.shape) >= 0.3).float() * (1 / 0.7)
+    keep, scale = keep_mask(x.shape, 0.3)
+    assert scale == 65536 / (65536 - 19661)  # p rounded to 19661 / 2^16
+    expected = x * keep.float() * scale
     assert torch.equal(y, expected)
     y.sum().backward()
-    assert torch.equal(x.grad, (expected != 0).float() * (1 / 0.7))
+    assert torch.equal(x.grad, keep.float() * scale)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.5, 0.9])
+def test_keep_mask_keeps_each_entry_with_probability_one_minus_p_in_every_lane(p):
+    # four 16-bit uniforms come from each 64-bit draw: every lane (position mod 4) must be fair,
+    # and the odd tail of a shape that is not a multiple of 4 must be covered too
+    torch.manual_seed(0)
+    keep, scale = keep_mask((100_003,), p)
+    assert keep.dtype == torch.bool and keep.shape == (100_003,)
+    kept = keep[:100_000].view(-1, 4).float().mean(0)
+    assert torch.allclose(kept, torch.full((4,), 1 - p), atol=0.01)
+    assert scale == pytest.approx(1 / (1 - p), rel=1e-4)
+    assert keep_mask((5,), p)[0].shape == (5,)
+    with pytest.raises(ValueError, match="dropout p"):
+        keep_mask((3,), 1.0)
 
 
 def test_dataset_is_validated_once(monkeypatch):
@@ -111,3 +131,32 @@ def test_adamw_uses_the_fused_kernel_on_cpu():
 
     optimizer = adamw([torch.nn.Parameter(torch.zeros(3))], lr=1e-3)
     assert optimizer.defaults["fused"] is True
+
+
+def test_lstm_last_state_equals_the_packed_lstm_outputs_and_gradients():
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    from msakit.modules.encoders import LSTMEncoder, lstm_last_state
+
+    torch.manual_seed(0)
+    lstm = torch.nn.LSTM(7, 5, batch_first=True).double()
+    x = torch.randn(6, 9, 7, dtype=torch.float64)
+    lengths = torch.tensor([9, 1, 4, 7, 2, 8])  # unsorted, one of length 1, none reaching L - 0
+    x[1, 1:] = 100.0  # frames past a sequence's end must never be read
+    _, (h_n, _) = lstm(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))
+    ours = lstm_last_state(lstm, x, lengths)
+    assert torch.allclose(ours, h_n[0], atol=1e-12)
+    expected = torch.autograd.grad(h_n[0].square().sum(), list(lstm.parameters()))
+    grads = torch.autograd.grad(ours.square().sum(), list(lstm.parameters()))
+    for g, e in zip(grads, expected, strict=True):
+        assert torch.allclose(g, e, atol=1e-12)
+    with pytest.raises(ValueError, match="one-layer, one-direction"):
+        lstm_last_state(torch.nn.LSTM(7, 5, batch_first=True, bidirectional=True), x, lengths)
+    # the encoder keeps nn.LSTM's parameters (old checkpoints load) and reads n = mask.sum(1)
+    encoder = LSTMEncoder(7, 5, 3, dropout=0.0).double().eval()
+    assert set(encoder.state_dict()) == {"lstm.weight_ih_l0", "lstm.weight_hh_l0", "lstm.bias_ih_l0",
+                                         "lstm.bias_hh_l0", "out.weight", "out.bias"}
+    mask = torch.arange(9)[None, :] < lengths[:, None]
+    _, (h_enc, _) = encoder.lstm(pack_padded_sequence(x, lengths, batch_first=True,
+                                                      enforce_sorted=False))
+    assert torch.allclose(encoder(x, mask), encoder.out(h_enc[0]), atol=1e-12)

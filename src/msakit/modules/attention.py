@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from msakit.modules.dropout import keep_mask
+
 
 def sinusoidal_positions(length: int, dim: int, device=None, dtype=torch.float32) -> torch.Tensor:
     """[length, dim] sinusoidal position embeddings of positions 1..length.
@@ -44,7 +46,7 @@ class _DropoutAttention(torch.autograd.Function):
     dropout noise, dropped weights) until backward: 12 bytes per weight. MulT at batch 128 on
     MOSI's unaligned lengths (audio 500, vision 375) needed more than 20 GB for them.
     q [B, H, L_q, d_h], k/v [B, H, L_k, d_h], visible [B, 1, 1, L_k] bool -> [B, H, L_q, d_h].
-    The mask is `rand >= p` (`WideDropout`'s draw; `nn.Dropout` uses `bernoulli_`, ~3x dearer).
+    The mask is `dropout.keep_mask`'s (`nn.Dropout` draws with `bernoulli_`, ~7x dearer).
     """
 
     @staticmethod
@@ -56,10 +58,10 @@ class _DropoutAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, visible, p):
         weights = _DropoutAttention._weights(q, k, visible)
-        keep = torch.rand(weights.shape, device=weights.device) >= p
-        out = weights.masked_fill_(~keep, 0.0).mul_(1.0 / (1.0 - p)) @ v
+        keep, scale = keep_mask(weights.shape, p, weights.device)
+        out = weights.masked_fill_(~keep, 0.0).mul_(scale) @ v
         ctx.save_for_backward(q, k, v, visible, keep, out)
-        ctx.scale = 1.0 / (1.0 - p)
+        ctx.scale = scale
         return out
 
     @staticmethod

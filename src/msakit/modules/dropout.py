@@ -1,19 +1,41 @@
 """Dropout for very wide activations (TFN's fused tensor: [B, 140k] on MOSI).
 
-`nn.Dropout` draws its mask with `bernoulli_`, which on CPU costs about 3x a uniform draw; for
-TFN's fused tensor that was a quarter of the training step. `WideDropout` draws a uniform
-tensor and thresholds it: the same distribution (each entry kept with probability 1 - p and
-scaled by 1 / (1 - p)), another random stream.
+`nn.Dropout` draws its mask with `bernoulli_`, one generator call and a float per entry: on CPU
+about 7x the cost of `keep_mask`, which takes four 16-bit uniforms from each 64-bit draw and
+compares them to an integer threshold. For TFN's fused tensor the draw was a quarter of the
+training step. The distribution is nn.Dropout's (each entry kept independently with probability
+1 - p and scaled by 1 / (1 - p)) with p rounded to a multiple of 2^-16 (at most 7.6e-6 away;
+the scale uses the rounded p, so the layer stays unbiased); the random stream is another.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
+_LEVELS = 1 << 16
+
+
+def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device | str | None = None
+              ) -> tuple[torch.Tensor, float]:
+    """A dropout keep mask: (bool tensor of `shape`, each entry True with probability 1 - p', and
+    the scale 1 / (1 - p')), p' = round(p * 2^16) / 2^16. p in [0, 1); raises ValueError outside.
+
+    Drawn from the default generator (seeded by `torch.manual_seed`), one int64 per four entries.
+    """
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout p must be in [0, 1), got {p}")
+    dropped = round(p * _LEVELS)  # entries with a 16-bit value below the threshold are dropped
+    numel = math.prod(shape)
+    words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)
+    uniform16 = words.view(torch.int16)[:numel].view(shape)  # uniform on [-2^15, 2^15)
+    return uniform16 >= dropped - _LEVELS // 2, _LEVELS / (_LEVELS - dropped)
+
 
 class WideDropout(nn.Dropout):
-    """x [*] -> [*]: inverted dropout with the mask `rand >= p`; identity in eval mode or at p = 0.
+    """x [*] -> [*]: inverted dropout with `keep_mask`; identity in eval mode or at p = 0.
     Drop-in for `nn.Dropout` (same state dict: none)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -22,5 +44,5 @@ class WideDropout(nn.Dropout):
         if self.p >= 1.0:
             return x * 0.0
         # one scaled float mask, built without autograd: one wide multiply forward and backward
-        scale = (torch.rand(x.shape, device=x.device) >= self.p).to(x.dtype).mul_(1.0 / (1.0 - self.p))
-        return x * scale
+        keep, scale = keep_mask(x.shape, self.p, x.device)
+        return x * keep.to(x.dtype).mul_(scale)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence
+from torch.nn import functional as F
 
 from msakit.modules.pooling import masked_mean
 
@@ -31,30 +31,65 @@ class PooledMLPEncoder(nn.Module):
 
 
 class LSTMEncoder(nn.Module):
-    """Packed (length-aware) LSTM; the final hidden state of the last layer (both directions
-    concatenated when bidirectional), then dropout -> Linear.
+    """A one-layer LSTM read at each sequence's last real step, then dropout -> Linear.
 
-    x [B, L, D_in], mask [B, L] -> [B, out_dim]. Padding frames are never read.
+    x [B, L, D_in], mask [B, L] -> [B, out_dim]. With n = mask.sum(1) (at least 1), the encoder
+    returns the hidden state after frame n - 1, the final state of a packed LSTM over the first n
+    frames (what it computed before, through `pack_padded_sequence`; frames after n are never
+    read). The parameters are those of `self.lstm` (an `nn.LSTM`, so checkpoints are unchanged);
+    the forward pass is `lstm_last_state`, which is faster on CPU (see there).
     """
 
-    def __init__(
-        self, in_dim: int, hidden: int, out_dim: int, dropout: float, bidirectional: bool = False
-    ):
+    def __init__(self, in_dim: int, hidden: int, out_dim: int, dropout: float):
         super().__init__()
-        self.lstm = nn.LSTM(in_dim, hidden, batch_first=True, bidirectional=bidirectional)
+        self.lstm = nn.LSTM(in_dim, hidden, batch_first=True)
         self.dropout = nn.Dropout(dropout)
-        self.out = nn.Linear(hidden * (2 if bidirectional else 1), out_dim)
+        self.out = nn.Linear(hidden, out_dim)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        lengths = mask.sum(dim=1).clamp_min(1).cpu()
-        packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
-        _, (h_n, _) = self.lstm(packed)  # h_n [num_directions, B, hidden]
-        last = torch.cat(list(h_n), dim=-1)  # [B, hidden * num_directions]
-        return self.out(self.dropout(last))
+        return self.out(self.dropout(lstm_last_state(self.lstm, x, mask.sum(dim=1).clamp_min(1))))
+
+
+def lstm_last_state(lstm: nn.LSTM, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Hidden state of a one-layer, one-direction batch-first `lstm` after frame lengths[b] - 1.
+
+    x [B, L, D_in] float, lengths [B] int in [1, L] -> [B, hidden]. Equal to `h_n` of
+    `lstm(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))` (PyTorch's
+    gate order i, f, g, o; tested to 1e-12 in float64, outputs and gradients).
+
+    Why not call `lstm` itself: on CPU the packed call's backward zero-fills a full-size gradient
+    for every time-step slice (quadratic in the length), and the padded call runs oneDNN over
+    the padding and computes the gradient of x, which is data. Here the input projection
+    (most of the arithmetic: D_in x 4 * hidden per frame) is one matrix product over the real
+    frames only, and only the small recurrent product runs per step, time-major, so autograd
+    joins the steps with one `unbind` instead of a slice each.
+    Raises ValueError for a bidirectional or multi-layer LSTM.
+    """
+    if lstm.bidirectional or lstm.num_layers != 1 or not lstm.batch_first or lstm.proj_size:
+        raise ValueError("lstm_last_state needs a one-layer, one-direction, batch_first LSTM")
+    batch, length, hidden = x.shape[0], x.shape[1], lstm.hidden_size
+    steps = int(lengths.max())
+    real = torch.arange(steps, device=x.device)[:, None] < lengths[None, :]  # [T, B]
+    t, b = real.nonzero(as_tuple=True)  # the real frames, time-major
+    projected = F.linear(  # [n_real, 4 * hidden]
+        x.reshape(batch * length, -1).index_select(0, b * length + t),
+        lstm.weight_ih_l0, lstm.bias_ih_l0 + lstm.bias_hh_l0,
+    )
+    gates_in = x.new_zeros(steps * batch, 4 * hidden).index_copy(0, t * batch + b, projected)
+    gates_in = gates_in.view(steps, batch, 4 * hidden)
+    w_hh = lstm.weight_hh_l0.t()
+    h = c = x.new_zeros(batch, hidden)
+    states = []
+    for gate_in in gates_in.unbind(0):
+        i, f, g, o = torch.addmm(gate_in, h, w_hh).chunk(4, dim=1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        states.append(h)
+    return torch.stack(states)[lengths - 1, torch.arange(batch, device=x.device)]
 
 
 def build_encoder(kind: str, in_dim: int, hidden: int, dropout: float) -> nn.Module:
-    """'mlp' (masked mean + MLP) or 'lstm' (packed LSTM); both map [B, L, in_dim] -> [B, hidden]."""
+    """'mlp' (masked mean + MLP) or 'lstm' (LSTM read at the last real step); both map [B, L, in_dim] -> [B, hidden]."""
     if kind == "mlp":
         return PooledMLPEncoder(in_dim, hidden, dropout)
     if kind == "lstm":
