@@ -84,16 +84,18 @@ MSAKIT_CONFIGS = {
 }
 
 DIFFERENCES = {
-    "tfn": "audio/vision subnets without BatchNorm; packed LSTM over the real words; MMSA squashes "
-           "the output with sigmoid*6-3, msakit does not",
+    "tfn": "audio/vision subnets without BatchNorm; the text LSTM's state is read at the last real "
+           "word (MMSA's runs on through the padding to step 50); MMSA squashes the output with "
+           "sigmoid*6-3, msakit does not",
     "lf_dnn": "msakit's LF-DNN text encoder is a masked mean + MLP, MMSA's an LSTM (128) + Linear "
               "(256): the models differ in their text subnet",
-    "lmf": "audio/vision subnets without BatchNorm; packed LSTM over the real words",
+    "lmf": "audio/vision subnets without BatchNorm; the text LSTM's state is read at the last real "
+           "word (MMSA's runs on through the padding to step 50)",
     "mult": "the same batch 16 with gradients of 8 batches per step, but MMSA sums them and clips "
             "each batch's running sum by value (0.6), msakit averages them and clips the global "
             "norm (0.6); MMSA drops the epoch's last incomplete window, msakit steps on it; masked "
-            "mean pooling and key-padding masks (see the MulT docstring); attention dropout masks "
-            "drawn as rand >= p (msakit) instead of bernoulli (MMSA)",
+            "mean pooling and key-padding masks (see the MulT docstring); dropout masks drawn from "
+            "16-bit uniforms (msakit, modules/dropout.py) instead of bernoulli (MMSA)",
 }
 
 

@@ -42,6 +42,7 @@ from msakit.batch import MODALITIES, Batch, ModelOutput
 from msakit.data.base import DatasetInfo
 from msakit.models.base import task_output
 from msakit.modules.attention import CrossModalTransformer
+from msakit.modules.dropout import WideDropout
 from msakit.modules.pooling import masked_mean
 from msakit.registry import register_model
 from msakit.validated import ModelConfig
@@ -136,7 +137,8 @@ class MulT(nn.Module):
         combined = 6 * d
         self.proj1 = nn.Linear(combined, combined)
         self.proj2 = nn.Linear(combined, combined)
-        self.output_dropout = nn.Dropout(cfg.output_dropout)
+        self.output_dropout = WideDropout(cfg.output_dropout)
+        self.text_dropout = WideDropout(cfg.text_dropout)
         self.out_layer = nn.Linear(combined, info.output_dim)
 
     def project(self, m: str, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -144,7 +146,7 @@ class MulT(nn.Module):
         real frames through the convolution's receptive field."""
         x = x.masked_fill(~mask[..., None], 0.0)
         if m == "text":
-            x = F.dropout(x, p=self.cfg.text_dropout, training=self.training)
+            x = self.text_dropout(x)
         return self.projections[m](x.transpose(1, 2)).transpose(1, 2)
 
     def forward(self, batch: Batch) -> ModelOutput:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from msakit.modules.dropout import keep_mask
+from msakit.modules.dropout import WideDropout, keep_mask
 
 
 def sinusoidal_positions(length: int, dim: int, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -39,7 +39,7 @@ def sinusoidal_positions(length: int, dim: int, device=None, dtype=torch.float32
 
 class _DropoutAttention(torch.autograd.Function):
     """softmax(mask(q k^T / sqrt(d_h))) -> inverted dropout -> @ v, storing for backward only the
-    inputs, the output and the dropout mask as bool (1 byte per weight); the weights are
+    inputs, the output and the dropout keep mask (1 byte per weight); the weights are
     recomputed in backward (as flash attention does).
 
     Plain autograd keeps three float tensors of [B, H, L_q, L_k] per attention (softmax output,
@@ -50,31 +50,37 @@ class _DropoutAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def _weights(q, k, visible):
-        scores = q @ k.transpose(-2, -1)  # [B, H, L_q, L_k]
-        scores.mul_(1.0 / math.sqrt(q.shape[-1])).masked_fill_(~visible, torch.finfo(q.dtype).min)
-        return torch.softmax(scores, dim=-1)
+    def _weights(q_scaled, k, mask_bias):
+        scores = q_scaled @ k.transpose(-2, -1)  # [B, H, L_q, L_k]
+        return torch.softmax(scores.add_(mask_bias), dim=-1)
 
     @staticmethod
     def forward(ctx, q, k, v, visible, p):
-        weights = _DropoutAttention._weights(q, k, visible)
+        q_scaled = q * (1.0 / math.sqrt(q.shape[-1]))
+        # padding as an additive bias (0 or the dtype's min): one pass over the scores
+        mask_bias = torch.zeros(visible.shape, dtype=q.dtype, device=q.device)
+        mask_bias.masked_fill_(~visible, torch.finfo(q.dtype).min)
+        weights = _DropoutAttention._weights(q_scaled, k, mask_bias)
         keep, scale = keep_mask(weights.shape, p, weights.device)
-        out = weights.masked_fill_(~keep, 0.0).mul_(scale) @ v
-        ctx.save_for_backward(q, k, v, visible, keep, out)
+        keep = keep.view(torch.uint8)  # multiplying by a 0/1 byte is ~10x faster than masked_fill_
+        # the 1 / (1 - p) scale goes on the [.., d_h] side of each product, d_h << L_k
+        out = (weights.mul_(keep) @ v).mul_(scale)
+        ctx.save_for_backward(q_scaled, k, v, mask_bias, keep, out)
         ctx.scale = scale
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, visible, keep, out = ctx.saved_tensors
-        weights = _DropoutAttention._weights(q, k, visible)  # P
-        grad_weights = (grad_out @ v.transpose(-2, -1)).masked_fill_(~keep, 0.0).mul_(ctx.scale)
+        q_scaled, k, v, mask_bias, keep, out = ctx.saved_tensors
+        weights = _DropoutAttention._weights(q_scaled, k, mask_bias)  # P
+        grad_out_scaled = grad_out * ctx.scale
+        grad_weights = (grad_out_scaled @ v.transpose(-2, -1)).mul_(keep)
         # softmax backward: dS = P * (dP - sum_j dP_j P_j), and sum_j dP_j P_j = dO . O per row
         delta = (grad_out * out).sum(-1, keepdim=True)  # [B, H, L_q, 1]
-        grad_scores = grad_weights.sub_(delta).mul_(weights).mul_(1.0 / math.sqrt(q.shape[-1]))
-        dropped = weights.masked_fill_(~keep, 0.0).mul_(ctx.scale)
-        grad_v = dropped.transpose(-2, -1) @ grad_out
-        return grad_scores @ k, grad_scores.transpose(-2, -1) @ q, grad_v, None, None
+        grad_scores = grad_weights.sub_(delta).mul_(weights)
+        grad_v = weights.mul_(keep).transpose(-2, -1) @ grad_out_scaled
+        grad_q = (grad_scores @ k).mul_(1.0 / math.sqrt(q_scaled.shape[-1]))
+        return grad_q, grad_scores.transpose(-2, -1) @ q_scaled, grad_v, None, None
 
 
 class MaskedMultiheadAttention(nn.Module):
@@ -144,8 +150,8 @@ class CrossModalLayer(nn.Module):
         self.norm_ff = nn.LayerNorm(dim)
         self.fc1 = nn.Linear(dim, 4 * dim)
         self.fc2 = nn.Linear(4 * dim, dim)
-        self.relu_dropout = nn.Dropout(relu_dropout)
-        self.res_dropout = nn.Dropout(res_dropout)
+        self.relu_dropout = WideDropout(relu_dropout)
+        self.res_dropout = WideDropout(res_dropout)
         for layer in (self.fc1, self.fc2):  # MulT's Linear(): xavier weights, zero bias
             nn.init.xavier_uniform_(layer.weight)
             nn.init.zeros_(layer.bias)
@@ -189,7 +195,7 @@ class CrossModalTransformer(nn.Module):
             CrossModalLayer(dim, num_heads, attn_dropout, relu_dropout, res_dropout)
             for _ in range(layers)
         )
-        self.embed_dropout = nn.Dropout(embed_dropout)
+        self.embed_dropout = WideDropout(embed_dropout)
         self.norm = nn.LayerNorm(dim)
 
     def _embed(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
