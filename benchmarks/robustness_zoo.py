@@ -67,6 +67,10 @@ ABLATIONS = {
     "dbr_no_agpr": ("dbr/{d}", ["model.use_agpr=false"]),
     "dbr_no_brf": ("dbr/{d}", ["model.use_brf=false"]),
     "dbr_no_borrowing": ("dbr/{d}", ["model.use_borrowing=false"]),
+    "psa_mf": ("psa_mf/{d}", []),
+    "psa_mf_no_personality": ("psa_mf/{d}", ["model.use_personality=false"]),
+    "psa_mf_no_prefusion": ("psa_mf/{d}", ["model.use_prefusion=false"]),
+    "psa_mf_no_enhanced_fusion": ("psa_mf/{d}", ["model.use_enhanced_fusion=false"]),
 }
 
 
