@@ -70,11 +70,11 @@ MSAKIT_CONFIGS = {
         "data": {"batch_size": 128},
         "train": {"lr": 1e-3, "weight_decay": 0.01, "grad_clip": 0.0},
     },
-    # hidden_dims [128, 16, 128], rank 3, dropouts 0.3, batch 64, lr 1e-3, factor_lr 1e-3,
-    # weight_decay 0.005.
+    # hidden_dims [128, 16, 128] (text_out = 128 // 2 in MMSA's LMF), rank 3, dropouts 0.3,
+    # batch 64, lr 1e-3, factor_lr 1e-3, weight_decay 0.005.
     "lmf": {
         "model": {"name": "lmf", "rank": 3, "text_encoder": "lstm", "text_hidden": 128,
-                  "text_out": 128, "audio_hidden": 16, "vision_hidden": 128, "dropout": 0.3,
+                  "text_out": 64, "audio_hidden": 16, "vision_hidden": 128, "dropout": 0.3,
                   "factor_lr": 1e-3},
         "data": {"batch_size": 64},
         "train": {"lr": 1e-3, "weight_decay": 0.005, "grad_clip": 0.0},
