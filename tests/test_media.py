@@ -293,3 +293,20 @@ def test_real_clip_full_stack(real_clip):
     n = len(words["words"])
     assert n >= 4 and {m: a.shape[0] for m, a in words["features"].items()} == {"text": n, "audio": n, "vision": n}
     assert all(s <= e for _, s, e in words["words"]) and words["features"]["vision"].shape[1] == 63
+
+
+@pytest.mark.parametrize("cell, message", [
+    ("high", "line 3: label 'high' is not a number"),
+    ("-3.5", "line 3: label -3.5 is outside [-3, 3]"),
+    ("nan", "line 3: label nan is outside [-3, 3]"),
+])
+def test_labels_csv_names_the_line_of_a_bad_label(tmp_path, cell, message):
+    from msakit.media import MediaError, read_labels
+
+    path = tmp_path / "labels.csv"
+    path.write_text(f"id,label,split\na,0.5,train\nb,{cell},test\n")
+    with pytest.raises(MediaError, match="labels.csv") as error:
+        read_labels(path)
+    assert message in str(error.value)
+    path.write_text("id,label,split\na,0.5,train\nb,-3,test\n")
+    assert read_labels(path) == {"a": (0.5, "train"), "b": (-3.0, "test")}

@@ -637,15 +637,12 @@ SPLIT_NAMES = {"train": "train", "valid": "valid", "dev": "valid", "val": "valid
 
 def read_labels(path: str | Path) -> dict[str, tuple[float, str | None]]:
     """Labels CSV (columns id, label, optional split or mode) -> {id: (label, split)}."""
+    from msakit.data.base import sentiment_label
+
     rows = _read_table(path, ("id", "label"), "labels")
     labels = {}
     for line, row in enumerate(rows, start=2):
-        try:
-            value = float(row["label"])
-        except ValueError:
-            raise MediaError(f"{path}: line {line}: label {row['label']!r} is not a number") from None
-        if not np.isfinite(value) or abs(value) > 3:
-            raise MediaError(f"{path}: line {line}: label {value} is outside [-3, 3]")
+        value = sentiment_label(row["label"], f"{path}: line {line}", MediaError)
         split = (row.get("split") or row.get("mode") or "").strip().lower() or None
         if split is not None and split not in SPLIT_NAMES:
             raise MediaError(f"{path}: line {line}: split {split!r} is not train/valid/dev/test")

@@ -38,7 +38,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from msakit.data import register_dataset
-from msakit.data.base import DataError, DatasetInfo, MultimodalData, SplitArrays, validate
+from msakit.data.base import (
+    DataError,
+    DatasetInfo,
+    MultimodalData,
+    SplitArrays,
+    sentiment_label,
+    validate,
+)
 from msakit.data.synthetic import cache_dir
 
 if TYPE_CHECKING:
@@ -77,12 +84,7 @@ def read_label_csv(path: Path, header: tuple[str, ...]) -> dict[str, tuple[list[
         mode = record["mode"].strip()
         if mode not in MODES:
             raise DataError(f"{path}: line {line}: mode {mode!r} is not one of {sorted(MODES)}")
-        try:
-            label = float(record["label"])
-        except ValueError:
-            raise DataError(f"{path}: line {line}: label {record['label']!r} is not a number") from None
-        if not np.isfinite(label) or abs(label) > 3.0:
-            raise DataError(f"{path}: line {line}: label {label} is outside [-3, 3]")
+        label = sentiment_label(record["label"], f"{path}: line {line}")
         if not record["text"].strip():
             raise DataError(f"{path}: line {line}: empty text")
         ids, texts, labels = splits[MODES[mode]]
