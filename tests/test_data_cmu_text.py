@@ -59,6 +59,7 @@ def test_embeddings_do_not_depend_on_batching_order(tmp_path):
     ("id,text,label,mode\na_1,hi,0.5,holdout\n", "mode 'holdout'"),
     ("id,text,label,mode\na_1,hi,4.5,train\n", "outside [-3, 3]"),
     ("id,text,label,mode\na_1,hi,high,train\n", "line 2: label 'high' is not a number"),
+    ('id,text,label,mode\na_1,"hello\nworld",1.0,train\nb_1,hi,7,train\n', "line 4: label '7' is outside"),
     ("id,text,label,mode\na_1,,0.5,train\n", "empty text"),
 ])
 def test_bad_label_files_are_named(tmp_path, text, message):

@@ -297,8 +297,8 @@ def test_real_clip_full_stack(real_clip):
 
 @pytest.mark.parametrize("cell, message", [
     ("high", "line 3: label 'high' is not a number"),
-    ("-3.5", "line 3: label -3.5 is outside [-3, 3]"),
-    ("nan", "line 3: label nan is outside [-3, 3]"),
+    ("-3.5", "line 3: label '-3.5' is outside [-3, 3]"),
+    ("nan", "line 3: label 'nan' is outside [-3, 3]"),
 ])
 def test_labels_csv_names_the_line_of_a_bad_label(tmp_path, cell, message):
     from msakit.media import MediaError, read_labels
@@ -310,3 +310,28 @@ def test_labels_csv_names_the_line_of_a_bad_label(tmp_path, cell, message):
     assert message in str(error.value)
     path.write_text("id,label,split\na,0.5,train\nb,-3,test\n")
     assert read_labels(path) == {"a": (0.5, "train"), "b": (-3.0, "test")}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("id,label\na,1.0\nb\n", "line 3 has no label field"),  # a short row
+    ("id,label\na,1.0\n\n\nb,abc\n", "line 5: label 'abc' is not a number"),  # blank lines
+    ('id,label,note\na,1.0,"two\nlines"\nb,9\n', "line 4: label '9' is outside"),  # quoted newline
+    ("id,label\na,1_0\n", "line 2: label '1_0' is not a number"),
+    ("id,label\na, \n", "line 2: label ' ' is not a number"),
+])
+def test_labels_csv_line_numbers_are_file_lines(tmp_path, text, message):
+    from msakit.media import MediaError, read_labels
+
+    path = tmp_path / "labels.csv"
+    path.write_text(text)
+    with pytest.raises(MediaError) as error:
+        read_labels(path)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_labels_csv_with_a_byte_order_mark_is_read(tmp_path):
+    from msakit.media import read_labels
+
+    path = tmp_path / "labels.csv"
+    path.write_bytes("\ufeffid,label\na, 1.5 \n".encode())
+    assert read_labels(path) == {"a": (1.5, None)}

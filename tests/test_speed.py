@@ -110,6 +110,9 @@ def test_keep_mask_keeps_each_entry_with_probability_one_minus_p_in_every_lane(p
     assert keep_mask((5,), p)[0].shape == (5,)
     with pytest.raises(ValueError, match="dropout p"):
         keep_mask((3,), 1.0)
+    # p within 2^-17 of 1 rounds to "drop all": one level is always kept, no division by zero
+    keep, scale = keep_mask((1000,), 0.999995)
+    assert scale == 65536.0 and keep.sum() <= 3
 
 
 def test_dataset_is_validated_once(monkeypatch):
@@ -152,6 +155,11 @@ def test_lstm_last_state_equals_the_packed_lstm_outputs_and_gradients():
         assert torch.allclose(g, e, atol=1e-12)
     with pytest.raises(ValueError, match="one-layer, one-direction"):
         lstm_last_state(torch.nn.LSTM(7, 5, batch_first=True, bidirectional=True), x, lengths)
+    with pytest.raises(ValueError, match="with biases"):
+        lstm_last_state(torch.nn.LSTM(7, 5, batch_first=True, bias=False), x, lengths)
+    for bad in ([10, 1, 4, 7, 2, 8], [0, 1, 4, 7, 2, 8]):
+        with pytest.raises(ValueError, match=r"lengths must lie in \[1, 9\]"):
+            lstm_last_state(lstm, x, torch.tensor(bad))
     # the encoder keeps nn.LSTM's parameters (old checkpoints load) and reads n = mask.sum(1)
     encoder = LSTMEncoder(7, 5, 3, dropout=0.0).double().eval()
     assert set(encoder.state_dict()) == {"lstm.weight_ih_l0", "lstm.weight_hh_l0", "lstm.bias_ih_l0",
@@ -160,3 +168,4 @@ def test_lstm_last_state_equals_the_packed_lstm_outputs_and_gradients():
     _, (h_enc, _) = encoder.lstm(pack_padded_sequence(x, lengths, batch_first=True,
                                                       enforce_sorted=False))
     assert torch.allclose(encoder(x, mask), encoder.out(h_enc[0]), atol=1e-12)
+    assert torch.equal(encoder(x, mask.double()), encoder(x, mask))  # a 0/1 float mask reads the same

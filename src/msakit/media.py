@@ -619,17 +619,25 @@ def find_clips(videos: str | Path) -> list[tuple[str, Path]]:
     return clips
 
 
-def _read_table(path: str | Path, needed: Sequence[str], what: str) -> list[dict[str, str]]:
+def _read_table(path: str | Path, needed: Sequence[str], what: str) -> list[tuple[int, dict[str, str]]]:
+    """CSV with a header -> [(file line the record ends on, row)]; MediaError when a column of
+    `needed` is missing from the header or from a row."""
     path = Path(path)
     if not path.is_file():
         raise MediaError(f"{path}: {what} CSV not found")
-    with open(path, newline="", encoding="utf-8") as handle:
+    with open(path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         missing = [c for c in needed if c not in (reader.fieldnames or [])]
         if missing:
             raise MediaError(f"{path}: {what} CSV needs the column(s) {', '.join(missing)} "
                              f"(found {', '.join(reader.fieldnames or []) or 'no header'})")
-        return list(reader)
+        rows = []
+        for row in reader:
+            short = [c for c in needed if row.get(c) is None]
+            if short:
+                raise MediaError(f"{path}: line {reader.line_num} has no {', '.join(short)} field")
+            rows.append((reader.line_num, row))
+        return rows
 
 
 SPLIT_NAMES = {"train": "train", "valid": "valid", "dev": "valid", "val": "valid", "test": "test"}
@@ -641,7 +649,7 @@ def read_labels(path: str | Path) -> dict[str, tuple[float, str | None]]:
 
     rows = _read_table(path, ("id", "label"), "labels")
     labels = {}
-    for line, row in enumerate(rows, start=2):
+    for line, row in rows:
         value = sentiment_label(row["label"], f"{path}: line {line}", MediaError)
         split = (row.get("split") or row.get("mode") or "").strip().lower() or None
         if split is not None and split not in SPLIT_NAMES:
@@ -652,7 +660,7 @@ def read_labels(path: str | Path) -> dict[str, tuple[float, str | None]]:
 
 def read_transcripts(path: str | Path) -> dict[str, str]:
     """Transcripts CSV (columns id, text) -> {id: text}."""
-    return {row["id"].strip(): row["text"] for row in _read_table(path, ("id", "text"), "transcripts")}
+    return {row["id"].strip(): row["text"] for _, row in _read_table(path, ("id", "text"), "transcripts")}
 
 
 def _settings_key(cfg: MediaConfig) -> str:

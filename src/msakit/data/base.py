@@ -148,18 +148,21 @@ class MultimodalData:
 _SANITIZE_BLOCK = 2**22  # values per block: the temporary mask stays at 4 MB
 
 
-def sentiment_label(cell: str, where: str, error: type[Exception] = DataError) -> float:
+def sentiment_label(cell: str | None, where: str, error: type[Exception] = DataError) -> float:
     """A CMU-MOSI/MOSEI sentiment label read from a text cell: a finite number in [-3, 3].
 
     `where` names the file and line for the message; raises `error` (DataError by default) with
     one line naming the value when the cell is not a number or lies outside [-3, 3].
     """
+    text = (cell or "").strip()
     try:
-        value = float(cell)
+        if not text or "_" in text:  # float() accepts "1_0"; a label file should not
+            raise ValueError
+        value = float(text)
     except ValueError:
         raise error(f"{where}: label {cell!r} is not a number") from None
     if not np.isfinite(value) or abs(value) > 3.0:
-        raise error(f"{where}: label {value} is outside [-3, 3]")
+        raise error(f"{where}: label {cell!r} is outside [-3, 3]")
     return value
 
 

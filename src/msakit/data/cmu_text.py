@@ -70,13 +70,14 @@ def read_label_csv(path: Path, header: tuple[str, ...]) -> dict[str, tuple[list[
     line) for a missing file, another header, an unknown mode, a bad label or an empty text."""
     if not path.is_file():
         raise DataError(f"{path}: not found (expected the MMSA label file with header {','.join(header)})")
-    with open(path, newline="", encoding="utf-8") as handle:
-        rows = list(csv.reader(handle))
-    if not rows or tuple(c.strip() for c in rows[0]) != header:
-        found = ",".join(rows[0]) if rows else "(empty file)"
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.reader(handle)
+        rows = [(reader.line_num, row) for row in reader]  # the file line each record ends on
+    if not rows or tuple(c.strip() for c in rows[0][1]) != header:
+        found = ",".join(rows[0][1]) if rows else "(empty file)"
         raise DataError(f"{path}: header is {found!r}, expected {','.join(header)!r}")
     splits: dict[str, tuple[list[str], list[str], list[float]]] = {s: ([], [], []) for s in ("train", "valid", "test")}
-    for line, row in enumerate(rows[1:], start=2):
+    for line, row in rows[1:]:
         if len(row) != len(header):
             raise DataError(f"{path}: line {line} has {len(row)} fields, expected {len(header)}")
         record = dict(zip(header, row, strict=True))

@@ -21,13 +21,14 @@ _LEVELS = 1 << 16
 def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device | str | None = None
               ) -> tuple[torch.Tensor, float]:
     """A dropout keep mask: (bool tensor of `shape`, each entry True with probability 1 - p', and
-    the scale 1 / (1 - p')), p' = round(p * 2^16) / 2^16. p in [0, 1); raises ValueError outside.
+    the scale 1 / (1 - p')), p' = min(round(p * 2^16), 2^16 - 1) / 2^16. p in [0, 1); raises ValueError outside.
 
     Drawn from the default generator (seeded by `torch.manual_seed`), one int64 per four entries.
     """
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout p must be in [0, 1), got {p}")
-    dropped = round(p * _LEVELS)  # entries with a 16-bit value below the threshold are dropped
+    # entries whose 16-bit value is below the threshold are dropped; at least one level is kept
+    dropped = min(round(p * _LEVELS), _LEVELS - 1)
     numel = math.prod(shape)
     words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)
     uniform16 = words.view(torch.int16)[:numel].view(shape)  # uniform on [-2^15, 2^15)

@@ -47,7 +47,8 @@ class LSTMEncoder(nn.Module):
         self.out = nn.Linear(hidden, out_dim)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.out(self.dropout(lstm_last_state(self.lstm, x, mask.sum(dim=1).clamp_min(1))))
+        lengths = mask.sum(dim=1).long().clamp_min(1)
+        return self.out(self.dropout(lstm_last_state(self.lstm, x, lengths)))
 
 
 def lstm_last_state(lstm: nn.LSTM, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -63,10 +64,13 @@ def lstm_last_state(lstm: nn.LSTM, x: torch.Tensor, lengths: torch.Tensor) -> to
     (most of the arithmetic: D_in x 4 * hidden per frame) is one matrix product over the real
     frames only, and only the small recurrent product runs per step, time-major, so autograd
     joins the steps with one `unbind` instead of a slice each.
-    Raises ValueError for a bidirectional or multi-layer LSTM.
+    Raises ValueError for a bidirectional, multi-layer or bias-free LSTM and for lengths outside
+    [1, L].
     """
-    if lstm.bidirectional or lstm.num_layers != 1 or not lstm.batch_first or lstm.proj_size:
-        raise ValueError("lstm_last_state needs a one-layer, one-direction, batch_first LSTM")
+    if lstm.bidirectional or lstm.num_layers != 1 or not lstm.batch_first or lstm.proj_size or not lstm.bias:
+        raise ValueError("lstm_last_state needs a one-layer, one-direction, batch_first LSTM with biases")
+    if lengths.numel() and not (1 <= int(lengths.min()) and int(lengths.max()) <= x.shape[1]):
+        raise ValueError(f"lstm_last_state: lengths must lie in [1, {x.shape[1]}]")
     batch, length, hidden = x.shape[0], x.shape[1], lstm.hidden_size
     steps = int(lengths.max())
     real = torch.arange(steps, device=x.device)[:, None] < lengths[None, :]  # [T, B]
