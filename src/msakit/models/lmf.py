@@ -8,7 +8,7 @@ building the outer product:
 with F_m^(r) [H_m + 1, output_dim]. The fusion layer IS the output layer (no MLP after it).
 Parameters grow linearly in the rank: rank * (sum_m (H_m + 1) * output_dim + 1) + output_dim.
 
-Shapes: text [B, L_t, D_t] -> packed LSTM (or pooled MLP) -> z_t [B, text_out];
+Shapes: text [B, L_t, D_t] -> length-aware LSTM (or pooled MLP) -> z_t [B, text_out];
 audio/vision [B, L_m, D_m] -> masked mean + MLP -> z_a [B, H_a], z_v [B, H_v];
 [z_m; 1] @ F_m: [rank, B, output_dim] per modality -> product over modalities -> weighted
 sum over rank -> [B, output_dim].
@@ -43,7 +43,7 @@ class LMFConfig(ModelConfig):
     rank: int = 4
     """Number of low-rank factors (paper: 4 works across datasets)."""
     text_encoder: str = "lstm"
-    """'lstm' (packed LSTM, as in the paper) or 'mlp' (masked mean + MLP)."""
+    """'lstm' (length-aware LSTM, as in the paper) or 'mlp' (masked mean + MLP)."""
     text_hidden: int = 128
     """LSTM hidden size (or MLP width) of the text subnet."""
     text_out: int = 64

@@ -13,8 +13,8 @@ and the stored label moves with the paper's momentum rule, at epoch n >= 2:
 The unimodal losses are weighted per sample by tanh(|y_s - y_m|) (so they are exactly 0 while
 y_s = y_m, i.e. during the first epoch), the multimodal one is plain L1.
 
-Shapes: text [B, L_t, D_t] -> masked mean + MLP ('mlp') or packed LSTM -> [B, text_out];
-audio/vision [B, L_m, D_m] -> packed LSTM -> dropout -> Linear -> [B, audio_out / vision_out];
+Shapes: text [B, L_t, D_t] -> masked mean + MLP ('mlp') or length-aware LSTM -> [B, text_out];
+audio/vision [B, L_m, D_m] -> length-aware LSTM -> dropout -> Linear -> [B, audio_out / vision_out];
 fusion head on the concatenation, one head per modality:
     dropout -> Linear -> ReLU = the head's feature F [B, post_dim] -> Linear -> ReLU -> Linear.
 Memory (registered buffers, so checkpoints and resumes carry it; sized by info.train_size):
@@ -64,7 +64,7 @@ EPS = 1e-8
 @dataclass
 class SelfMMConfig(ModelConfig):
     text_encoder: str = "mlp"
-    """'mlp' (masked mean + MLP) or 'lstm' (packed LSTM) over the text features."""
+    """'mlp' (masked mean + MLP) or 'lstm' (length-aware LSTM) over the text features."""
     text_out: int = 128
     """Size of the text vector (Self-MM: BERT's 768-d [CLS])."""
     text_dropout: float = 0.1

@@ -7,8 +7,8 @@ fused tensor holds unimodal, bimodal and trimodal interaction terms; an MLP read
 Shapes: text [B, L_t, D_t] -> LSTM (or pooled MLP) -> z_t [B, H_t]; audio/vision -> pooled MLP
 -> z_a [B, H_a], z_v [B, H_v]; fusion [B, (H_t+1)(H_a+1)(H_v+1)] -> MLP -> [B, output_dim].
 
-Deviations: packed (length-aware) LSTM for text instead of the last padded step; no BatchNorm in
-the audio/vision subnets; regression output is not squashed by the original's sigmoid*6-3
+Deviations: length-aware LSTM for text (state at the last real word) instead of the last padded
+step; no BatchNorm in the audio/vision subnets; regression output is not squashed by the original's sigmoid*6-3
 (labels are already in range and L1 is robust).
 """
 
@@ -31,7 +31,7 @@ from msakit.validated import ModelConfig, bounds
 @dataclass
 class TFNConfig(ModelConfig):
     text_encoder: str = "lstm"
-    """'lstm' (packed LSTM, as in the paper) or 'mlp' (masked mean + MLP)."""
+    """'lstm' (length-aware LSTM, as in the paper) or 'mlp' (masked mean + MLP)."""
     text_hidden: int = 32
     """Size of the text vector z_t (MMSA: text_out)."""
     text_lstm_hidden: int = field(default=0, metadata=bounds(0))
