@@ -21,7 +21,8 @@ _LEVELS = 1 << 16
 def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device | str | None = None
               ) -> tuple[torch.Tensor, float]:
     """A dropout keep mask: (bool tensor of `shape`, each entry True with probability 1 - p', and
-    the scale 1 / (1 - p')), p' = min(round(p * 2^16), 2^16 - 1) / 2^16. p in [0, 1); raises ValueError outside.
+    the scale 1 / (1 - p')), p' = min(round(p * 2^16), 2^16 - 1) / 2^16. p in [0, 1); raises
+    ValueError outside.
 
     Drawn from the default generator (seeded by `torch.manual_seed`), one int64 per four entries.
     """

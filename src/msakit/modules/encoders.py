@@ -67,12 +67,13 @@ def lstm_last_state(lstm: nn.LSTM, x: torch.Tensor, lengths: torch.Tensor) -> to
     Raises ValueError for a bidirectional, multi-layer or bias-free LSTM and for lengths outside
     [1, L].
     """
-    if lstm.bidirectional or lstm.num_layers != 1 or not lstm.batch_first or lstm.proj_size or not lstm.bias:
+    simple = lstm.num_layers == 1 and lstm.batch_first and lstm.bias
+    if not simple or lstm.bidirectional or lstm.proj_size:
         raise ValueError("lstm_last_state needs a one-layer, one-direction, batch_first LSTM with biases")
-    if lengths.numel() and not (1 <= int(lengths.min()) and int(lengths.max()) <= x.shape[1]):
-        raise ValueError(f"lstm_last_state: lengths must lie in [1, {x.shape[1]}]")
     batch, length, hidden = x.shape[0], x.shape[1], lstm.hidden_size
-    steps = int(lengths.max())
+    steps = int(lengths.max()) if batch else 0
+    if batch and not (int(lengths.min()) >= 1 and steps <= length):
+        raise ValueError(f"lstm_last_state: lengths must lie in [1, {length}]")
     real = torch.arange(steps, device=x.device)[:, None] < lengths[None, :]  # [T, B]
     t, b = real.nonzero(as_tuple=True)  # the real frames, time-major
     projected = F.linear(  # [n_real, 4 * hidden]
