@@ -56,7 +56,7 @@ MSAKIT_CONFIGS = {
     # hidden_dims [128, 32, 128] (text LSTM, audio, video), text_out 32, post_fusion_dim 64,
     # dropouts [0.3, 0.3, 0.3, 0.5], batch 32, lr 1e-3, Adam (no weight decay).
     "tfn": {
-        "model": {"name": "tfn", "text_encoder": "lstm", "text_lstm_hidden": 128, "text_hidden": 32,
+        "model": {"name": "tfn", "text_encoder": "lstm_padded", "text_lstm_hidden": 128, "text_hidden": 32,
                   "audio_hidden": 32, "vision_hidden": 128, "fusion_hidden": 64,
                   "dropout": 0.3, "fusion_dropout": 0.5},
         "data": {"batch_size": 32},
@@ -73,7 +73,7 @@ MSAKIT_CONFIGS = {
     # hidden_dims [128, 16, 128] (text_out = 128 // 2 in MMSA's LMF), rank 3, dropouts 0.3,
     # batch 64, lr 1e-3, factor_lr 1e-3, weight_decay 0.005.
     "lmf": {
-        "model": {"name": "lmf", "rank": 3, "text_encoder": "lstm", "text_hidden": 128,
+        "model": {"name": "lmf", "rank": 3, "text_encoder": "lstm_padded", "text_hidden": 128,
                   "text_out": 64, "audio_hidden": 16, "vision_hidden": 128, "dropout": 0.3,
                   "factor_lr": 1e-3},
         "data": {"batch_size": 64},
@@ -84,13 +84,14 @@ MSAKIT_CONFIGS = {
 }
 
 DIFFERENCES = {
-    "tfn": "audio/vision subnets without BatchNorm; the text LSTM's state is read at the last real "
-           "word (MMSA's runs on through the padding to step 50); MMSA squashes the output with "
+    "tfn": "audio/vision subnets without BatchNorm and with two layers (MMSA: three), averaged over "
+           "the real frames (MMSA: over all 50, padding included); MMSA squashes the output with "
            "sigmoid*6-3, msakit does not",
     "lf_dnn": "msakit's LF-DNN text encoder is a masked mean + MLP, MMSA's an LSTM (128) + Linear "
               "(256): the models differ in their text subnet",
-    "lmf": "audio/vision subnets without BatchNorm; the text LSTM's state is read at the last real "
-           "word (MMSA's runs on through the padding to step 50)",
+    "lmf": "audio/vision subnets as for tfn; msakit trains the fusion weights and bias (MMSA's "
+           "optimiser leaves them out, by list position); weight decay decoupled (AdamW; MMSA: "
+           "Adam's L2 term)",
     "mult": "the same batch 16 with gradients of 8 batches per step, but MMSA sums them and clips "
             "each batch's running sum by value (0.6), msakit averages them and clips the global "
             "norm (0.6); MMSA drops the epoch's last incomplete window, msakit steps on it; masked "

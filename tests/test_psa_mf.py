@@ -378,3 +378,17 @@ def test_mech_each_switch_changes_the_output(switch):
     batch = batch_of(data)
     with torch.no_grad():
         assert not torch.allclose(full(batch).prediction, ablated(batch).prediction) or switch in ("use_ps_loss", "use_clm_loss")
+
+
+def test_a_checkpoint_with_the_packaged_text_encoder_evaluates(tmp_path):
+    """The checkpoint check builds the model on the meta device; a pretrained text encoder must
+    build there from its config alone (transformers refuses `from_pretrained` on meta), or every
+    `eval` / `robustness` of a PSA-MF mosi-poria run fails."""
+    from msakit.cli import main
+
+    out = tmp_path / "run"
+    small = ["data.synthetic.train_size=16", "data.synthetic.valid_size=8", "data.synthetic.test_size=8",
+             "model.serial_dim=16", "model.text_encoder=minilm", "model.max_text_length=8"]
+    assert main(["train", "--config", str(ROOT / "configs/psa_mf/synthetic.yaml"), "--epochs", "1",
+                 "--out", str(out), "--quiet", "--set", *small]) == 0
+    assert main(["eval", "--checkpoint", str(out / "seed_1" / "best.pt"), "--quiet"]) == 0

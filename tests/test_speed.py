@@ -169,3 +169,38 @@ def test_lstm_last_state_equals_the_packed_lstm_outputs_and_gradients():
                                                       enforce_sorted=False))
     assert torch.allclose(encoder(x, mask), encoder.out(h_enc[0]), atol=1e-12)
     assert torch.equal(encoder(x, mask.double()), encoder(x, mask))  # a 0/1 float mask reads the same
+
+
+def test_lstm_encoder_through_padding_is_mmsas_text_subnet():
+    """text_encoder 'lstm_padded': the state after the LAST PADDED step of an nn.LSTM over the
+    sequence with its padding frames zeroed (MMSA's TextSubNet), whatever the padding held."""
+    from msakit.modules.encoders import LSTMEncoder
+
+    torch.manual_seed(0)
+    encoder = LSTMEncoder(7, 5, 3, dropout=0.0, through_padding=True).double().eval()
+    x = torch.randn(4, 9, 7, dtype=torch.float64)
+    lengths = torch.tensor([9, 1, 4, 6])
+    mask = torch.arange(9)[None, :] < lengths[:, None]
+    zeroed = x * mask[..., None]
+    x[~mask] = 100.0  # the loader's padding values are never read as such
+    _, (h_n, _) = encoder.lstm(zeroed)
+    assert torch.allclose(encoder(x, mask), encoder.out(h_n[0]), atol=1e-12)
+    # and it differs from the last-real-word reading for the sequences that are padded
+    last_real = LSTMEncoder(7, 5, 3, dropout=0.0).double().eval()
+    last_real.load_state_dict(encoder.state_dict())
+    gap = (encoder(x, mask) - last_real(x, mask)).abs().sum(-1)
+    assert gap[0] < 1e-12 and bool((gap[1:] > 1e-6).all())
+
+
+@pytest.mark.parametrize("name", ["tfn", "lmf"])
+def test_text_encoder_lstm_padded_is_wired(name):
+    import dataclasses
+
+    from fakes import make_data
+
+    from msakit.registry import create_model, get_model_entry
+
+    info = make_data().info
+    for kind, through in (("lstm", False), ("lstm_padded", True)):
+        cfg = dataclasses.replace(get_model_entry(name).config_cls.tiny(), text_encoder=kind)
+        assert create_model(name, cfg, info).text_encoder.through_padding is through

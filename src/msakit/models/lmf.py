@@ -18,6 +18,8 @@ Deviations:
   zeros included); no BatchNorm in the audio/vision subnets (as LF-DNN/TFN here).
 - MMSA's optimiser omits fusion_weights and fusion_bias (parameters picked by list position), so
   they never train there; here they are trained, in the factor group (`factor_lr`).
+- the text LSTM is read at the last real word by default (MMSA's TextSubNet runs on through the
+  padding: `text_encoder: lstm_padded`).
 - the text subnet's output size is a config field (`text_out`; MMSA hard-codes text_hidden // 2).
 - the regression output is not squashed (as TFN here).
 """
@@ -43,7 +45,9 @@ class LMFConfig(ModelConfig):
     rank: int = 4
     """Number of low-rank factors (paper: 4 works across datasets)."""
     text_encoder: str = "lstm"
-    """'lstm' (length-aware LSTM, as in the paper) or 'mlp' (masked mean + MLP)."""
+    """'lstm' (length-aware LSTM: state at the last real word), 'lstm_padded' (MMSA's TextSubNet:
+    the LSTM runs on through the zero padding, state at the last padded step) or 'mlp' (masked
+    mean + MLP)."""
     text_hidden: int = 128
     """LSTM hidden size (or MLP width) of the text subnet."""
     text_out: int = 64
@@ -56,7 +60,7 @@ class LMFConfig(ModelConfig):
     """Learning rate of the factors, fusion weights and bias; 0 = train.lr (MMSA: factor_lr)."""
 
     def __post_init__(self) -> None:
-        check_choice("model.text_encoder", self.text_encoder, ("lstm", "mlp"))
+        check_choice("model.text_encoder", self.text_encoder, ("lstm", "lstm_padded", "mlp"))
         if self.rank < 1:
             raise ValueError("model.rank must be >= 1")
         if self.factor_lr < 0:
@@ -87,8 +91,9 @@ class LMF(nn.Module):
         super().__init__()
         self.cfg, self.info = cfg, info
         dims, out = info.feature_dims, info.output_dim
-        if cfg.text_encoder == "lstm":
-            self.text_encoder = LSTMEncoder(dims["text"], cfg.text_hidden, cfg.text_out, cfg.dropout)
+        if cfg.text_encoder in ("lstm", "lstm_padded"):
+            self.text_encoder = LSTMEncoder(dims["text"], cfg.text_hidden, cfg.text_out, cfg.dropout,
+                                            through_padding=cfg.text_encoder == "lstm_padded")
         else:
             self.text_encoder = _PooledText(dims["text"], cfg.text_hidden, cfg.text_out, cfg.dropout)
         self.audio_encoder = PooledMLPEncoder(dims["audio"], cfg.audio_hidden, cfg.dropout)

@@ -7,8 +7,8 @@ fused tensor holds unimodal, bimodal and trimodal interaction terms; an MLP read
 Shapes: text [B, L_t, D_t] -> LSTM (or pooled MLP) -> z_t [B, H_t]; audio/vision -> pooled MLP
 -> z_a [B, H_a], z_v [B, H_v]; fusion [B, (H_t+1)(H_a+1)(H_v+1)] -> MLP -> [B, output_dim].
 
-Deviations: length-aware LSTM for text (state at the last real word) instead of the last padded
-step; no BatchNorm in the audio/vision subnets; regression output is not squashed by the original's sigmoid*6-3
+Deviations: length-aware LSTM for text by default (state at the last real word; MMSA's reading at
+the last padded step is `text_encoder: lstm_padded`); no BatchNorm in the audio/vision subnets; regression output is not squashed by the original's sigmoid*6-3
 (labels are already in range and L1 is robust).
 """
 
@@ -31,7 +31,9 @@ from msakit.validated import ModelConfig, bounds
 @dataclass
 class TFNConfig(ModelConfig):
     text_encoder: str = "lstm"
-    """'lstm' (length-aware LSTM, as in the paper) or 'mlp' (masked mean + MLP)."""
+    """'lstm' (length-aware LSTM: state at the last real word), 'lstm_padded' (MMSA's TextSubNet:
+    the LSTM runs on through the zero padding, state at the last padded step) or 'mlp' (masked
+    mean + MLP)."""
     text_hidden: int = 32
     """Size of the text vector z_t (MMSA: text_out)."""
     text_lstm_hidden: int = field(default=0, metadata=bounds(0))
@@ -44,7 +46,7 @@ class TFNConfig(ModelConfig):
     fusion_dropout: float = 0.3
 
     def __post_init__(self) -> None:
-        check_choice("model.text_encoder", self.text_encoder, ("lstm", "mlp"))
+        check_choice("model.text_encoder", self.text_encoder, ("lstm", "lstm_padded", "mlp"))
 
     @staticmethod
     def search_space() -> dict:
@@ -76,9 +78,10 @@ class TFN(nn.Module):
         super().__init__()
         self.cfg, self.info = cfg, info
         dims = info.feature_dims
-        if cfg.text_encoder == "lstm":
+        if cfg.text_encoder in ("lstm", "lstm_padded"):
             self.text_encoder = LSTMEncoder(
-                dims["text"], cfg.text_lstm_hidden or cfg.text_hidden, cfg.text_hidden, cfg.dropout
+                dims["text"], cfg.text_lstm_hidden or cfg.text_hidden, cfg.text_hidden, cfg.dropout,
+                through_padding=cfg.text_encoder == "lstm_padded",
             )
         else:
             self.text_encoder = PooledMLPEncoder(dims["text"], cfg.text_hidden, cfg.dropout)
