@@ -4,6 +4,7 @@ dropout's distribution, data are validated once, AdamW is the fused kernel where
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -204,3 +205,32 @@ def test_text_encoder_lstm_padded_is_wired(name):
     for kind, through in (("lstm", False), ("lstm_padded", True)):
         cfg = dataclasses.replace(get_model_entry(name).config_cls.tiny(), text_encoder=kind)
         assert create_model(name, cfg, info).text_encoder.through_padding is through
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmRSS from /proc (Linux)")
+@pytest.mark.parametrize("tuning", ["1", "0"])
+def test_keep_freed_memory_keeps_a_freed_64_mb_block_in_the_process(tuning):
+    """With the thresholds raised a freed 64 MB tensor stays resident (its pages are reused by
+    the next one); glibc's defaults (MSAKIT_MALLOC_TUNING=0) hand it back at once."""
+    import os
+    import subprocess
+    import sys
+
+    probe = (
+        "import torch\n"
+        "from msakit.train.allocator import keep_freed_memory\n"
+        "raised = keep_freed_memory()\n"
+        "rss = lambda: int([l for l in open('/proc/self/status') if l.startswith('VmRSS')][0].split()[1])\n"
+        "x = torch.ones(16 * 2**20); before = rss(); del x\n"
+        "print(raised, before - rss())\n"
+    )
+    env = {**os.environ, "MSAKIT_MALLOC_TUNING": tuning}
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    raised, released_kb = done.stdout.split()
+    if tuning == "1" and raised != "True":
+        pytest.skip("not glibc: mallopt unavailable")
+    assert raised == ("True" if tuning == "1" else "False")
+    if tuning == "1":
+        assert int(released_kb) < 8 * 1024  # kept
+    else:
+        assert int(released_kb) > 56 * 1024  # returned to the OS

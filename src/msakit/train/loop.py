@@ -45,6 +45,7 @@ from msakit.data.base import DatasetInfo, SplitArrays
 from msakit.metrics import SELECTION_DEFAULTS, compute_metrics, is_better
 from msakit.registry import create_model
 from msakit.train import distributed, tracking
+from msakit.train.allocator import keep_freed_memory
 from msakit.train.checkpoint import (
     CHECKPOINT_FORMAT,
     load_checkpoint,
@@ -296,7 +297,10 @@ def fit(
 
     test=False never reads the test split (hyper-parameter search: `SeedResult.test` is empty);
     on_epoch(epoch, validation selection value) runs after each epoch's checkpoint (a tuner
-    reports to its pruner there and may raise to stop the run)."""
+    reports to its pruner there and may raise to stop the run). The first call in a process
+    raises glibc's malloc thresholds (`allocator.keep_freed_memory`: large tensors reuse heap
+    memory instead of fresh pages every step)."""
+    keep_freed_memory()
     run_dir = Path(run_dir)
     fingerprint = fingerprint or data_fingerprint(data)
     info, train_cfg = data.info, cfg.train
