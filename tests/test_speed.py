@@ -175,7 +175,7 @@ def test_lstm_last_state_equals_the_packed_lstm_outputs_and_gradients():
 def test_lstm_encoder_through_padding_is_mmsas_text_subnet():
     """text_encoder 'lstm_padded': the state after the LAST PADDED step of an nn.LSTM over the
     sequence with its padding frames zeroed (MMSA's TextSubNet), whatever the padding held."""
-    from msakit.modules.encoders import LSTMEncoder
+    from msakit.modules.encoders import LSTMEncoder, lstm_padded_state
 
     torch.manual_seed(0)
     encoder = LSTMEncoder(7, 5, 3, dropout=0.0, through_padding=True).double().eval()
@@ -186,6 +186,16 @@ def test_lstm_encoder_through_padding_is_mmsas_text_subnet():
     x[~mask] = 100.0  # the loader's padding values are never read as such
     _, (h_n, _) = encoder.lstm(zeroed)
     assert torch.allclose(encoder(x, mask), encoder.out(h_n[0]), atol=1e-12)
+    # gradients too (the bias sees every padded step), and a mask with a hole reads a zero frame
+    holed = mask.clone()
+    holed[0, 3] = False
+    params = list(encoder.lstm.parameters())
+    _, (h_ref, _) = encoder.lstm(x.masked_fill(~holed[..., None], 0.0))
+    ours = lstm_padded_state(encoder.lstm, x, holed)
+    assert torch.allclose(ours, h_ref[0], atol=1e-12)
+    for g, e in zip(torch.autograd.grad(ours.square().sum(), params),
+                    torch.autograd.grad(h_ref[0].square().sum(), params), strict=True):
+        assert torch.allclose(g, e, atol=1e-12)
     # and it differs from the last-real-word reading for the sequences that are padded
     last_real = LSTMEncoder(7, 5, 3, dropout=0.0).double().eval()
     last_real.load_state_dict(encoder.state_dict())
