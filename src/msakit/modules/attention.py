@@ -37,6 +37,14 @@ def sinusoidal_positions(length: int, dim: int, device=None, dtype=torch.float32
     return emb.to(dtype)
 
 
+def _narrow_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b for b [.., K, N] with a narrow N (a head's d_h), computed as (b^T a^T)^T: CPU batched
+    GEMMs with N = 5 ran ~2.8x slower than the transposed product with N = L (701 vs 254 us for
+    MulT's [160, 50, 50] @ [160, 50, 5]). Same value up to summation order; the result is a
+    transposed view."""
+    return (b.transpose(-2, -1) @ a.transpose(-2, -1)).transpose(-2, -1)
+
+
 class _DropoutAttention(torch.autograd.Function):
     """softmax(mask(q k^T / sqrt(d_h))) -> inverted dropout -> @ v, storing for backward only the
     inputs, the output and the dropout keep mask (1 byte per weight); the weights are
@@ -64,7 +72,7 @@ class _DropoutAttention(torch.autograd.Function):
         keep, scale = keep_mask(weights.shape, p, weights.device)
         keep = keep.view(torch.uint8)  # multiplying by a 0/1 byte is ~10x faster than masked_fill_
         # the 1 / (1 - p) scale goes on the [.., d_h] side of each product, d_h << L_k
-        out = (weights.mul_(keep) @ v).mul_(scale)
+        out = _narrow_matmul(weights.mul_(keep), v).mul_(scale)
         ctx.save_for_backward(q_scaled, k, v, mask_bias, keep, out)
         ctx.scale = scale
         return out
@@ -78,9 +86,9 @@ class _DropoutAttention(torch.autograd.Function):
         # softmax backward: dS = P * (dP - sum_j dP_j P_j), and sum_j dP_j P_j = dO . O per row
         delta = (grad_out * out).sum(-1, keepdim=True)  # [B, H, L_q, 1]
         grad_scores = grad_weights.sub_(delta).mul_(weights)
-        grad_v = weights.mul_(keep).transpose(-2, -1) @ grad_out_scaled
-        grad_q = (grad_scores @ k).mul_(1.0 / math.sqrt(q_scaled.shape[-1]))
-        return grad_q, grad_scores.transpose(-2, -1) @ q_scaled, grad_v, None, None
+        grad_v = _narrow_matmul(weights.mul_(keep).transpose(-2, -1), grad_out_scaled)
+        grad_q = _narrow_matmul(grad_scores, k).mul_(1.0 / math.sqrt(q_scaled.shape[-1]))
+        return grad_q, _narrow_matmul(grad_scores.transpose(-2, -1), q_scaled), grad_v, None, None
 
 
 class MaskedMultiheadAttention(nn.Module):
