@@ -53,15 +53,9 @@ MMSA_NAMES = {"tfn": "tfn", "lf_dnn": "lf_dnn", "lmf": "lmf", "mult": "mult"}
 
 # msakit settings that match MMSA's config_regression.json, mosi (MMSA key -> ours in comments).
 MSAKIT_CONFIGS = {
-    # hidden_dims [128, 32, 128] (text LSTM, audio, video), text_out 32, post_fusion_dim 64,
-    # dropouts [0.3, 0.3, 0.3, 0.5], batch 32, lr 1e-3, Adam (no weight decay).
-    "tfn": {
-        "model": {"name": "tfn", "text_encoder": "lstm_padded", "text_lstm_hidden": 128, "text_hidden": 32,
-                  "audio_hidden": 32, "vision_hidden": 128, "fusion_hidden": 64,
-                  "dropout": 0.3, "fusion_dropout": 0.5},
-        "data": {"batch_size": 32},
-        "train": {"lr": 1e-3, "weight_decay": 0.0, "grad_clip": 0.0},
-    },
+    # configs/tfn/mosi-mmsa.yaml (MMSA's mosi config: hidden_dims [128, 32, 128], text_out 32,
+    # post_fusion_dim 64, dropouts [0.3, 0.3, 0.3, 0.5], batch 32, lr 1e-3, Adam, no decay).
+    "tfn": {"config": "configs/tfn/mosi-mmsa.yaml"},
     # hidden_dims [128, 16, 128], text_out 256, post_fusion_dim 128, dropouts 0.2, batch 128,
     # lr 1e-3, weight_decay 0.01.
     "lf_dnn": {
@@ -70,15 +64,9 @@ MSAKIT_CONFIGS = {
         "data": {"batch_size": 128},
         "train": {"lr": 1e-3, "weight_decay": 0.01, "grad_clip": 0.0},
     },
-    # hidden_dims [128, 16, 128] (text_out = 128 // 2 in MMSA's LMF), rank 3, dropouts 0.3,
-    # batch 64, lr 1e-3, factor_lr 1e-3, weight_decay 0.005.
-    "lmf": {
-        "model": {"name": "lmf", "rank": 3, "text_encoder": "lstm_padded", "text_hidden": 128,
-                  "text_out": 64, "audio_hidden": 16, "vision_hidden": 128, "dropout": 0.3,
-                  "factor_lr": 1e-3},
-        "data": {"batch_size": 64},
-        "train": {"lr": 1e-3, "weight_decay": 0.005, "grad_clip": 0.0},
-    },
+    # configs/lmf/mosi-mmsa.yaml (MMSA's mosi config: hidden_dims [128, 16, 128], text_out
+    # 128 // 2, rank 3, dropouts 0.3, batch 64, lr 1e-3, factor_lr 1e-3, weight_decay 0.005).
+    "lmf": {"config": "configs/lmf/mosi-mmsa.yaml"},
     # configs/mult/mosi-mmsa.yaml (itself MMSA's mosi config).
     "mult": {"config": "configs/mult/mosi-mmsa.yaml"},
 }

@@ -34,8 +34,10 @@ def measure_epoch(model, optimizers, cfg, data, epoch: int) -> dict[str, float]:
     """One training epoch of `model`; returns samples, CPU seconds and wall seconds spent in the
     training steps (batch collation included, as in training)."""
     from msakit.data import to_loader
+    from msakit.train.allocator import keep_freed_memory
     from msakit.train.loop import default_training_step
 
+    keep_freed_memory()  # as fit() does
     model.train()
     loader = to_loader(data.splits["train"], data.info, cfg.data.batch_size, shuffle=True,
                        seed=epoch, whole_videos=getattr(model, "whole_videos", False))

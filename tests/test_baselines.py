@@ -341,7 +341,7 @@ def mosi_shaped_unaligned_pickle(tmp_path_factory):
 
 @pytest.mark.parametrize(
     "name",  # MulT's full config attends over 500 audio frames: ~1 min on one core, so `-m slow`
-    [pytest.param(n, marks=pytest.mark.slow) if n == "mult" else n for n in NEW_MODELS],
+    [pytest.param(n, marks=pytest.mark.slow) if n == "mult" else n for n in (*NEW_MODELS, "tfn")],
 )
 def test_shipped_mmsa_config_runs_end_to_end_on_a_mosi_shaped_pickle(name, mosi_shaped_unaligned_pickle,
                                                                      tmp_path):
@@ -373,7 +373,8 @@ def test_every_baseline_ships_its_configs():
             assert (model, dataset) in names, f"configs/{model}/{dataset}.yaml is missing"
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
+@pytest.mark.parametrize("path", CONFIGS + sorted((ROOT / "configs" / "tfn").glob("*.yaml")),
+                         ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_config_loads_and_starts_with_its_command(path):
     first = path.read_text().splitlines()[0]
     assert first.startswith("# msakit train --config ") and str(path.relative_to(ROOT)) in first
