@@ -70,9 +70,12 @@ class _DropoutAttention(torch.autograd.Function):
         mask_bias.masked_fill_(~visible, torch.finfo(q.dtype).min)
         weights = _DropoutAttention._weights(q_scaled, k, mask_bias)
         keep, scale = keep_mask(weights.shape, p, weights.device)
-        keep = keep.view(torch.uint8)  # multiplying by a 0/1 byte is ~10x faster than masked_fill_
+        # stored as bytes; converted to float before each multiply (an in-place multiply by a byte
+        # tensor cast it element by element: ~1 ms vs 0.1 ms on [16, 10, 50, 50]; masked_fill_
+        # with the bool mask was slower still)
+        keep = keep.view(torch.uint8)
         # the 1 / (1 - p) scale goes on the [.., d_h] side of each product, d_h << L_k
-        out = _narrow_matmul(weights.mul_(keep), v).mul_(scale)
+        out = _narrow_matmul(weights.mul_(keep.to(weights.dtype)), v).mul_(scale)
         ctx.save_for_backward(q_scaled, k, v, mask_bias, keep, out)
         ctx.scale = scale
         return out
@@ -82,6 +85,7 @@ class _DropoutAttention(torch.autograd.Function):
         q_scaled, k, v, mask_bias, keep, out = ctx.saved_tensors
         weights = _DropoutAttention._weights(q_scaled, k, mask_bias)  # P
         grad_out_scaled = grad_out * ctx.scale
+        keep = keep.to(weights.dtype)
         grad_weights = (grad_out_scaled @ v.transpose(-2, -1)).mul_(keep)
         # softmax backward: dS = P * (dP - sum_j dP_j P_j), and sum_j dP_j P_j = dO . O per row
         delta = (grad_out * out).sum(-1, keepdim=True)  # [B, H, L_q, 1]
