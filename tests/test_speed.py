@@ -276,3 +276,40 @@ def test_keep_freed_memory_keeps_a_freed_64_mb_block_in_the_process(tuning):
         assert int(released_kb) < 8 * 1024  # kept
     else:
         assert int(released_kb) > 56 * 1024  # returned to the OS
+
+
+def test_keep_freed_memory_passes_mallopt_values_that_fit_a_c_int(monkeypatch):
+    """mallopt(int, int): the thresholds must fit a C int (2^31 wrapped to -2^31 silently); no
+    mallopt (not glibc) and MSAKIT_MALLOC_TUNING=0 give False without raising."""
+    import ctypes
+
+    from msakit.train import allocator
+
+    calls = []
+
+    class FakeMallopt:
+        argtypes = restype = None
+
+        def __call__(self, param, value):
+            assert self.argtypes == (ctypes.c_int, ctypes.c_int)
+            calls.append((param, ctypes.c_int(value).value, value))
+            return 1
+
+    class FakeLibc:
+        def __init__(self, _name):
+            self.mallopt = FakeMallopt()
+
+    monkeypatch.setattr(allocator.ctypes, "CDLL", FakeLibc)
+    monkeypatch.delenv("MSAKIT_MALLOC_TUNING", raising=False)
+    monkeypatch.setattr(allocator, "_done", None)
+    assert allocator.keep_freed_memory() is True
+    assert calls == [(-3, 1 << 30, 1 << 30), (-1, (1 << 31) - 1, (1 << 31) - 1)]
+    assert allocator.keep_freed_memory() is True and len(calls) == 2  # once per process
+
+    monkeypatch.setattr(allocator.ctypes, "CDLL", lambda _name: object())  # a libc without mallopt
+    monkeypatch.setattr(allocator, "_done", None)
+    assert allocator.keep_freed_memory() is False
+    monkeypatch.setenv("MSAKIT_MALLOC_TUNING", "0")
+    monkeypatch.setattr(allocator.ctypes, "CDLL", FakeLibc)
+    monkeypatch.setattr(allocator, "_done", None)
+    assert allocator.keep_freed_memory() is False and len(calls) == 2
