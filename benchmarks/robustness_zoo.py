@@ -92,9 +92,11 @@ def train(name: str, stem: str, sets: list[str], args) -> tuple[Path, bool]:
         logging.info("%s: reusing %s", name, out)
         return out, True
     started, cpu = time.perf_counter(), time.process_time()
-    run_experiment(cfg, out, resume=(out / "config.yaml").is_file())  # an interrupted run resumes
+    resumed = (out / "config.yaml").is_file()  # an interrupted run resumes
+    run_experiment(cfg, out, resume=resumed)
+    # resumed: the seconds are this call's only (the epochs before the interruption are not in them)
     write_text(json.dumps({"seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu,
-                           "config": str(path), "sets": sets}) + "\n", out / "benchmark.json")
+                           "resumed": resumed, "config": str(path), "sets": sets}) + "\n", out / "benchmark.json")
     return out, False
 
 

@@ -392,3 +392,36 @@ def test_a_checkpoint_with_the_packaged_text_encoder_evaluates(tmp_path):
     assert main(["train", "--config", str(ROOT / "configs/psa_mf/synthetic.yaml"), "--epochs", "1",
                  "--out", str(out), "--quiet", "--set", *small]) == 0
     assert main(["eval", "--checkpoint", str(out / "seed_1" / "best.pt"), "--quiet"]) == 0
+
+
+def _half_precision_bert_folder(folder: Path) -> Path:
+    """A 3-layer BERT saved in float16 (config dtype float16) with a 9-word WordPiece vocabulary."""
+    transformers = pytest.importorskip("transformers")
+    folder.mkdir()
+    (folder / "vocab.txt").write_text("\n".join(
+        ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad", "movie", "the"]) + "\n")
+    transformers.BertTokenizer(str(folder / "vocab.txt")).save_pretrained(str(folder))
+    config = transformers.BertConfig(vocab_size=9, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=64)
+    transformers.BertModel(config).half().save_pretrained(str(folder))
+    return folder
+
+
+def test_a_half_precision_text_encoder_folder_trains_and_evaluates(tmp_path):
+    """A local model folder saved in float16 is loaded in float32, on the meta device (checkpoint
+    check) as for training: transformers 5 kept its dtype, and PSA-MF's first float32 layer
+    failed with 'mat1 and mat2 must have the same dtype' (a traceback, not a one-line error)."""
+    from msakit.cli import main
+    from msakit.modules.text_encoder import TextEncoder
+
+    folder = _half_precision_bert_folder(tmp_path / "bert16")
+    assert {p.dtype for p in TextEncoder(str(folder), max_length=8).model.parameters()} == {torch.float32}
+    with torch.device("meta"):
+        assert {p.dtype for p in TextEncoder(str(folder), max_length=8).model.parameters()} == {torch.float32}
+    out = tmp_path / "run"
+    small = ["data.synthetic.train_size=16", "data.synthetic.valid_size=8", "data.synthetic.test_size=8",
+             "model.serial_dim=16", f"model.text_encoder={folder}", "model.personality_encoder=tiny",
+             "model.max_text_length=8"]
+    assert main(["train", "--config", str(ROOT / "configs/psa_mf/synthetic.yaml"), "--epochs", "1",
+                 "--out", str(out), "--quiet", "--set", *small]) == 0
+    assert main(["eval", "--checkpoint", str(out / "seed_1" / "best.pt"), "--quiet"]) == 0

@@ -92,3 +92,18 @@ def test_readme_commands_run_as_shown(tmp_path, monkeypatch, capsys):
         ran.append(argv[0])
     assert ran.count("train") >= 2 and "analyze" in ran
     assert "results:" in capsys.readouterr().out
+
+
+def test_the_dbr_mosi_poria_reading_quotes_its_compare_json():
+    """The prose under the DBR ablation tables restates the BRF gap; it said 0.100 where the
+    table's mean difference is 0.0897."""
+    import json
+
+    runs = json.loads((ROOT / "benchmarks/results/compare/dbr_mosi-poria_mae/compare.json").read_text())["runs"]
+    full, no_brf = runs["dbr"]["mean"], runs["dbr_no_brf"]["mean"]
+    found = re.search(r"without it MAE is (\d\.\d+) worse \((\d\.\d+) vs (\d\.\d+),",
+                      (ROOT / "README.md").read_text())
+    assert found, "the README's DBR BRF sentence moved: update this test"
+    gap, a, b = (float(g) for g in found.groups())
+    assert (a, b) == (round(full, 3), round(no_brf, 3))
+    assert gap == round(no_brf - full, 3)

@@ -203,6 +203,38 @@ def test_lstm_encoder_through_padding_is_mmsas_text_subnet():
     assert gap[0] < 1e-12 and bool((gap[1:] > 1e-6).all())
 
 
+def test_lstm_padded_state_edge_cases_and_shape_errors():
+    """An empty batch gives [0, hidden] (both readings), all-padding rows and 0/1 float masks read
+    as nn.LSTM over zeros, the gradient of x is nn.LSTM's; a mask that is not [B, L], L = 0 and
+    lengths that are not [B] are one-line ValueErrors (a shorter mask ran fewer steps silently)."""
+    from msakit.modules.encoders import LSTMEncoder, lstm_last_state, lstm_padded_state
+
+    torch.manual_seed(0)
+    lstm = torch.nn.LSTM(3, 4, batch_first=True).double()
+    x = torch.randn(3, 5, 3, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[1, 0, 1, 1, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]]).bool()
+    ours = lstm_padded_state(lstm, x, mask.double())
+    _, (h_ref, _) = lstm(x * mask[..., None])
+    assert torch.allclose(ours, h_ref[0], atol=1e-12)
+    grad, = torch.autograd.grad(ours.square().sum(), x)
+    expected, = torch.autograd.grad(h_ref[0].square().sum(), x)
+    assert torch.allclose(grad, expected, atol=1e-12)
+    assert lstm_padded_state(lstm, x[:0], mask[:0]).shape == (0, 4)
+    assert lstm_last_state(lstm, x[:0], torch.ones(0, dtype=torch.long)).shape == (0, 4)
+    for through in (False, True):
+        encoder = LSTMEncoder(3, 4, 2, dropout=0.0, through_padding=through)
+        assert encoder(torch.randn(0, 5, 3), torch.ones(0, 5, dtype=torch.bool)).shape == (0, 2)
+    for bad in (mask[:, :3], torch.ones(3, 7, dtype=torch.bool), mask[:2], mask[0]):
+        with pytest.raises(ValueError, match=r"lstm_padded_state: .*mask \[B, L\]"):
+            lstm_padded_state(lstm, x, bad)
+    with pytest.raises(ValueError, match="L >= 1"):
+        lstm_padded_state(lstm, x[:, :0], mask[:, :0])
+    with pytest.raises(ValueError, match=r"needs lengths \[3\]"):
+        lstm_last_state(lstm, x, torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="^lstm_padded_state needs a one-layer"):
+        lstm_padded_state(torch.nn.LSTM(3, 4, batch_first=True, bidirectional=True).double(), x, mask)
+
+
 @pytest.mark.parametrize("name", ["tfn", "lmf"])
 def test_text_encoder_lstm_padded_is_wired(name):
     import dataclasses
@@ -244,3 +276,40 @@ def test_keep_freed_memory_keeps_a_freed_64_mb_block_in_the_process(tuning):
         assert int(released_kb) < 8 * 1024  # kept
     else:
         assert int(released_kb) > 56 * 1024  # returned to the OS
+
+
+def test_keep_freed_memory_passes_mallopt_values_that_fit_a_c_int(monkeypatch):
+    """mallopt(int, int): the thresholds must fit a C int (2^31 wrapped to -2^31 silently); no
+    mallopt (not glibc) and MSAKIT_MALLOC_TUNING=0 give False without raising."""
+    import ctypes
+
+    from msakit.train import allocator
+
+    calls = []
+
+    class FakeMallopt:
+        argtypes = restype = None
+
+        def __call__(self, param, value):
+            assert self.argtypes == (ctypes.c_int, ctypes.c_int)
+            calls.append((param, ctypes.c_int(value).value, value))
+            return 1
+
+    class FakeLibc:
+        def __init__(self, _name):
+            self.mallopt = FakeMallopt()
+
+    monkeypatch.setattr(allocator.ctypes, "CDLL", FakeLibc)
+    monkeypatch.delenv("MSAKIT_MALLOC_TUNING", raising=False)
+    monkeypatch.setattr(allocator, "_done", None)
+    assert allocator.keep_freed_memory() is True
+    assert calls == [(-3, 1 << 30, 1 << 30), (-1, (1 << 31) - 1, (1 << 31) - 1)]
+    assert allocator.keep_freed_memory() is True and len(calls) == 2  # once per process
+
+    monkeypatch.setattr(allocator.ctypes, "CDLL", lambda _name: object())  # a libc without mallopt
+    monkeypatch.setattr(allocator, "_done", None)
+    assert allocator.keep_freed_memory() is False
+    monkeypatch.setenv("MSAKIT_MALLOC_TUNING", "0")
+    monkeypatch.setattr(allocator.ctypes, "CDLL", FakeLibc)
+    monkeypatch.setattr(allocator, "_done", None)
+    assert allocator.keep_freed_memory() is False and len(calls) == 2

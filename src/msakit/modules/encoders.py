@@ -42,8 +42,10 @@ class LSTMEncoder(nn.Module):
     With `through_padding=True` the LSTM instead runs over all L frames, masked-out frames read as
     zeros, and returns the state after frame L - 1 (`lstm_padded_state`): MMSA's `TextSubNet` (an `nn.LSTM` over the
     zero-padded sequence, used by its TFN and LMF). On the generated data of
-    `benchmarks/against_mmsa.py` this reads far better than the last real word (LMF test MAE 0.39
-    vs 0.68-0.75, 2 seeds: see benchmarks/results/against_mmsa.md).
+    `benchmarks/against_mmsa.py` this reads far better than the last real word: LMF with that
+    script's config, 10 epochs, seed 1111, 1 thread, test MAE 0.391 vs 0.739 (Non0-Acc2 0.831 vs
+    0.542; rerun in review, `child_msakit` with each text_encoder).
+    benchmarks/results/against_mmsa.md predates the switch: its rows read the last real word.
     """
 
     def __init__(self, in_dim: int, hidden: int, out_dim: int, dropout: float,
@@ -75,11 +77,13 @@ def lstm_last_state(lstm: nn.LSTM, x: torch.Tensor, lengths: torch.Tensor) -> to
     (most of the arithmetic: D_in x 4 * hidden per frame) is one matrix product over the real
     frames only, and only the small recurrent product runs per step, time-major, so autograd
     joins the steps with one `unbind` instead of a slice each.
-    Raises ValueError for a bidirectional, multi-layer or bias-free LSTM and for lengths outside
-    [1, L].
+    Raises ValueError for a bidirectional, multi-layer or bias-free LSTM, for lengths outside
+    [1, L] and for lengths that are not [B].
     """
     _check_simple(lstm)
     batch, length = x.shape[0], x.shape[1]
+    if lengths.shape != (batch,):
+        raise ValueError(f"lstm_last_state: x {tuple(x.shape)} needs lengths [{batch}], got {tuple(lengths.shape)}")
     steps = int(lengths.max()) if batch else 0
     if batch and not (int(lengths.min()) >= 1 and steps <= length):
         raise ValueError(f"lstm_last_state: lengths must lie in [1, {length}]")
@@ -93,19 +97,23 @@ def lstm_padded_state(lstm: nn.LSTM, x: torch.Tensor, mask: torch.Tensor) -> tor
     masked-out frames read as zero vectors: `h_n` of `lstm(x * mask[..., None])` (MMSA's
     TextSubNet over its zero-padded text; tested to 1e-12 in float64).
 
-    x [B, L, D_in] float, mask [B, L] (True = real frame) -> [B, hidden]. A zero frame's input
-    projection is the bias alone, so the product with W_ih runs over the real frames only (as in
-    `lstm_last_state`); the recurrence runs all L steps. Raises ValueError as `lstm_last_state`.
+    x [B, L, D_in] float, mask [B, L] (True = real frame; 0/1 numbers read as bool) -> [B, hidden].
+    A zero frame's input projection is the bias alone, so the product with W_ih runs over the real
+    frames only (as in `lstm_last_state`); the recurrence runs all L steps. Raises ValueError for
+    an LSTM `lstm_last_state` refuses, for L = 0 and for a mask whose shape is not [B, L].
     """
-    _check_simple(lstm)
+    _check_simple(lstm, "lstm_padded_state")
+    if mask.shape != x.shape[:2] or x.shape[1] == 0:
+        raise ValueError(f"lstm_padded_state: x {tuple(x.shape)} needs a mask [B, L] with L >= 1, "
+                         f"got {tuple(mask.shape)}")
     real = mask.t().bool()  # [L, B], time-major
     return _recurrence(lstm, _input_gates(lstm, x, real, padding_bias=True))[-1]
 
 
-def _check_simple(lstm: nn.LSTM) -> None:
+def _check_simple(lstm: nn.LSTM, caller: str = "lstm_last_state") -> None:
     simple = lstm.num_layers == 1 and lstm.batch_first and lstm.bias
     if not simple or lstm.bidirectional or lstm.proj_size:
-        raise ValueError("lstm_last_state needs a one-layer, one-direction, batch_first LSTM with biases")
+        raise ValueError(f"{caller} needs a one-layer, one-direction, batch_first LSTM with biases")
 
 
 def _input_gates(lstm: nn.LSTM, x: torch.Tensor, real: torch.Tensor, padding_bias: bool) -> torch.Tensor:
@@ -115,7 +123,8 @@ def _input_gates(lstm: nn.LSTM, x: torch.Tensor, real: torch.Tensor, padding_bia
     length, gates = x.shape[1], 4 * lstm.hidden_size
     t, b = real.nonzero(as_tuple=True)  # the real frames, time-major
     bias = lstm.bias_ih_l0 + lstm.bias_hh_l0
-    projected = F.linear(x.reshape(batch * length, -1).index_select(0, b * length + t), lstm.weight_ih_l0, bias)
+    frames = x.reshape(batch * length, x.shape[-1])  # not -1: a batch of 0 has no size to infer
+    projected = F.linear(frames.index_select(0, b * length + t), lstm.weight_ih_l0, bias)
     base = bias.expand(steps * batch, gates).contiguous() if padding_bias else x.new_zeros(steps * batch, gates)
     return base.index_copy(0, t * batch + b, projected).view(steps, batch, gates)
 

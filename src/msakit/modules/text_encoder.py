@@ -216,7 +216,9 @@ class TextEncoder(nn.Module):
                 model = transformers.AutoModel.from_pretrained(str(folder), local_files_only=True)
         except (OSError, ValueError, KeyError) as e:
             raise ConfigError(f"{folder}: cannot load a transformers model offline ({e})") from e
-        return tokenizer, model
+        # float32 as the rest of the model, whatever the folder's dtype: transformers 5 loads a
+        # folder saved in float16/bfloat16 in that dtype, and its output then met float32 layers
+        return tokenizer, model.float()
 
     # ------------------------------------------------------------------------- tokens
 

@@ -23,7 +23,8 @@ import os
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _MMAP_THRESHOLD = 1 << 30  # bytes: blocks up to 1 GiB come from the heap and are reused
-_TRIM_THRESHOLD = 1 << 31  # bytes of free heap top kept before any is returned
+_TRIM_THRESHOLD = (1 << 31) - 1  # bytes of free heap top kept before any is returned (mallopt
+# takes a C int: 1 << 31 itself wrapped to -2^31, which glibc reads as 2^64 - 2^31, never trim)
 _done: bool | None = None
 
 
@@ -39,6 +40,7 @@ def keep_freed_memory() -> bool:
                 mallopt = libc.mallopt
             except (OSError, AttributeError):  # not glibc (macOS, musl without mallopt, Windows)
                 return False
+            mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
             _done = bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)) and bool(
                 mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
     return _done
