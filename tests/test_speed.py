@@ -313,14 +313,3 @@ def test_keep_freed_memory_passes_mallopt_values_that_fit_a_c_int(monkeypatch):
     monkeypatch.setattr(allocator.ctypes, "CDLL", FakeLibc)
     monkeypatch.setattr(allocator, "_done", None)
     assert allocator.keep_freed_memory() is False and len(calls) == 2
-
-
-def test_dropout_attention_output_is_not_a_view():
-    """Its output can be modified in place (a transposed view from the narrow product could not)."""
-    from msakit.modules.attention import _DropoutAttention
-
-    q, k, v = (torch.randn(2, 3, 4, 5, requires_grad=True) for _ in range(3))
-    out = _DropoutAttention.apply(q, k, v, torch.ones(2, 1, 1, 4, dtype=torch.bool), 0.3)
-    assert out.is_contiguous()
-    out.mul_(2.0).sum().backward()
-    assert q.grad is not None

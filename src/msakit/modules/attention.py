@@ -75,7 +75,7 @@ class _DropoutAttention(torch.autograd.Function):
         # with the bool mask was slower still)
         keep = keep.view(torch.uint8)
         # the 1 / (1 - p) scale goes on the [.., d_h] side of each product, d_h << L_k
-        out = _narrow_matmul(weights.mul_(keep.to(weights.dtype)), v).mul_(scale).contiguous()  # not a view
+        out = _narrow_matmul(weights.mul_(keep.to(weights.dtype)), v).mul_(scale)
         ctx.save_for_backward(q_scaled, k, v, mask_bias, keep, out)
         ctx.scale = scale
         return out
