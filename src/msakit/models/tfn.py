@@ -8,8 +8,9 @@ Shapes: text [B, L_t, D_t] -> LSTM (or pooled MLP) -> z_t [B, H_t]; audio/vision
 -> z_a [B, H_a], z_v [B, H_v]; fusion [B, (H_t+1)(H_a+1)(H_v+1)] -> MLP -> [B, output_dim].
 
 Deviations: length-aware LSTM for text by default (state at the last real word; MMSA's reading at
-the last padded step is `text_encoder: lstm_padded`); no BatchNorm in the audio/vision subnets; regression output is not squashed by the original's sigmoid*6-3
-(labels are already in range and L1 is robust).
+the last padded step is `text_encoder: lstm_padded`); no BatchNorm in the audio/vision subnets;
+the regression output is not squashed by the original's sigmoid*6-3 (labels are already in range
+and L1 is robust).
 """
 
 from __future__ import annotations

@@ -40,12 +40,12 @@ class LSTMEncoder(nn.Module):
     the forward pass is `lstm_last_state`, which is faster on CPU (see there).
 
     With `through_padding=True` the LSTM instead runs over all L frames, masked-out frames read as
-    zeros, and returns the state after frame L - 1 (`lstm_padded_state`): MMSA's `TextSubNet` (an `nn.LSTM` over the
-    zero-padded sequence, used by its TFN and LMF). On the generated data of
-    `benchmarks/against_mmsa.py` this reads far better than the last real word: LMF with that
-    script's config, 10 epochs, seed 1111, 1 thread, test MAE 0.391 vs 0.739 (Non0-Acc2 0.831 vs
-    0.542; rerun in review, `child_msakit` with each text_encoder).
-    benchmarks/results/against_mmsa.md predates the switch: its rows read the last real word.
+    zeros, and returns the state after frame L - 1 (`lstm_padded_state`): MMSA's `TextSubNet` (an
+    `nn.LSTM` over the zero-padded sequence, used by its TFN and LMF). On the generated data of
+    `benchmarks/against_mmsa.py` this reads far better than the last real word: LMF with MMSA's
+    mosi settings, 10 epochs, test MAE 0.37-0.39 vs 0.68-0.75 (seeds 1, 2, 1111; the last-word
+    reading memorised the training set); see the accuracy section of
+    benchmarks/results/against_mmsa.md.
     """
 
     def __init__(self, in_dim: int, hidden: int, out_dim: int, dropout: float,
