@@ -12,8 +12,9 @@
    with their shipped default configs (`configs/<model>/synthetic.yaml`: model and train
    sections; the data section points at the file), and TFN with its text LSTM replaced by the
    masked-mean MLP encoder (`model.text_encoder=mlp`), and TFN with MMSA's MOSEI settings
-   (`configs/tfn/mosei-mmsa.yaml`: batch 128, text LSTM through the padding), `--epochs` training passes each
-   (`throughput.measure_epoch`: the training steps and their batch collation; no validation).
+   (`configs/tfn/mosei-mmsa.yaml`: batch 128, text LSTM through the padding), `--epochs`
+   training passes each (`throughput.measure_epoch`: the training steps and their batch
+   collation; no validation).
    Reported per epoch: wall seconds and process CPU seconds (CPU / threads: an upper estimate of
    the wall time on that many otherwise idle cores). Target: an epoch under 5 s on 2 cores.
 

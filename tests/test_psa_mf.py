@@ -384,11 +384,16 @@ def test_a_checkpoint_with_the_packaged_text_encoder_evaluates(tmp_path):
     """The checkpoint check builds the model on the meta device; a pretrained text encoder must
     build there from its config alone (transformers refuses `from_pretrained` on meta), or every
     `eval` / `robustness` of a PSA-MF mosi-poria run fails."""
+    _train_then_eval(tmp_path, "model.text_encoder=minilm")
+
+
+def _train_then_eval(tmp_path: Path, *sets: str) -> None:
+    """One epoch of the synthetic PSA-MF config on 16 samples with `sets`, then `eval` of its best.pt."""
     from msakit.cli import main
 
     out = tmp_path / "run"
     small = ["data.synthetic.train_size=16", "data.synthetic.valid_size=8", "data.synthetic.test_size=8",
-             "model.serial_dim=16", "model.text_encoder=minilm", "model.max_text_length=8"]
+             "model.serial_dim=16", "model.max_text_length=8", *sets]
     assert main(["train", "--config", str(ROOT / "configs/psa_mf/synthetic.yaml"), "--epochs", "1",
                  "--out", str(out), "--quiet", "--set", *small]) == 0
     assert main(["eval", "--checkpoint", str(out / "seed_1" / "best.pt"), "--quiet"]) == 0
@@ -411,17 +416,10 @@ def test_a_half_precision_text_encoder_folder_trains_and_evaluates(tmp_path):
     """A local model folder saved in float16 is loaded in float32, on the meta device (checkpoint
     check) as for training: transformers 5 kept its dtype, and PSA-MF's first float32 layer
     failed with 'mat1 and mat2 must have the same dtype' (a traceback, not a one-line error)."""
-    from msakit.cli import main
     from msakit.modules.text_encoder import TextEncoder
 
     folder = _half_precision_bert_folder(tmp_path / "bert16")
     assert {p.dtype for p in TextEncoder(str(folder), max_length=8).model.parameters()} == {torch.float32}
     with torch.device("meta"):
         assert {p.dtype for p in TextEncoder(str(folder), max_length=8).model.parameters()} == {torch.float32}
-    out = tmp_path / "run"
-    small = ["data.synthetic.train_size=16", "data.synthetic.valid_size=8", "data.synthetic.test_size=8",
-             "model.serial_dim=16", f"model.text_encoder={folder}", "model.personality_encoder=tiny",
-             "model.max_text_length=8"]
-    assert main(["train", "--config", str(ROOT / "configs/psa_mf/synthetic.yaml"), "--epochs", "1",
-                 "--out", str(out), "--quiet", "--set", *small]) == 0
-    assert main(["eval", "--checkpoint", str(out / "seed_1" / "best.pt"), "--quiet"]) == 0
+    _train_then_eval(tmp_path, f"model.text_encoder={folder}", "model.personality_encoder=tiny")

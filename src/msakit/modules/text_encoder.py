@@ -209,7 +209,7 @@ class TextEncoder(nn.Module):
         os.environ["HF_HUB_OFFLINE"] = "1"  # read local files only, never ask a hub
         try:
             tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-            if torch.empty(0).device.type == "meta":  # a checkpoint check builds shapes only; its
+            if torch.get_default_device().type == "meta":  # a checkpoint check builds shapes only:
                 config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
                 model = transformers.AutoModel.from_config(config)  # weights come from the checkpoint
             else:
