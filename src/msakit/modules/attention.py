@@ -45,54 +45,73 @@ def _narrow_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (b.transpose(-2, -1) @ a.transpose(-2, -1)).transpose(-2, -1)
 
 
-class _DropoutAttention(torch.autograd.Function):
-    """softmax(mask(q k^T / sqrt(d_h))) -> inverted dropout -> @ v, storing for backward only the
-    inputs, the output and the dropout keep mask (1 byte per weight); the weights are
-    recomputed in backward (as flash attention does).
+#: Softmax weights of one attention call up to this size are kept for backward, with the dropout
+#: mask and the dropped weights as floats (what plain autograd keeps); larger ones (long unaligned
+#: sequences, large batches) are recomputed there and the mask is kept as bytes.
+STORE_WEIGHTS_BYTES = 4 * 2**20
 
-    Plain autograd keeps three float tensors of [B, H, L_q, L_k] per attention (softmax output,
-    dropout noise, dropped weights) until backward: 12 bytes per weight. MulT at batch 128 on
-    MOSI's unaligned lengths (audio 500, vision 375) needed more than 20 GB for them.
-    q [B, H, L_q, d_h], k/v [B, H, L_k, d_h], visible [B, 1, 1, L_k] bool -> [B, H, L_q, d_h].
-    The mask is `dropout.keep_mask`'s (`nn.Dropout` draws with `bernoulli_`, ~7x dearer).
+
+class _Attention(torch.autograd.Function):
+    """softmax(q k^T / sqrt(d_h) + bias) -> inverted dropout (p > 0) -> @ v, with a hand-written
+    backward.
+
+    q [N, L_q, d_h], k/v [N, L_k, d_h] (N = B * H), bias [N, 1, L_k] (0, or the dtype's min for a
+    padded key), p in [0, 1) -> [N, L_q, d_h] (a transposed view).
+    Small weights (at most `STORE_WEIGHTS_BYTES`; MulT on aligned MOSI: 1.6 MB a layer) are kept
+    for backward with the float mask and the dropped weights, so backward allocates nothing of
+    their size but the gradient (each fresh [160, 50, 50] tensor cost ~0.5 ms inside MulT's step).
+    Larger ones keep only the inputs, the output and a 1-byte mask, and are recomputed in backward
+    as flash attention does: plain autograd keeps three float tensors of [N, L_q, L_k] per
+    attention, and MulT at batch 128 on MOSI's unaligned lengths (audio 500, vision 375) needed
+    more than 20 GB for them. The mask is `dropout.keep_mask`'s (`nn.Dropout` draws with
+    `bernoulli_`, ~7x dearer). Not twice differentiable.
     """
 
     @staticmethod
-    def _weights(q_scaled, k, mask_bias):
-        scores = q_scaled @ k.transpose(-2, -1)  # [B, H, L_q, L_k]
-        return torch.softmax(scores.add_(mask_bias), dim=-1)
+    def _weights(q_scaled, k, bias):
+        return torch.softmax(torch.bmm(q_scaled, k.transpose(1, 2)).add_(bias), dim=-1)
 
     @staticmethod
-    def forward(ctx, q, k, v, visible, p):
-        q_scaled = q * (1.0 / math.sqrt(q.shape[-1]))
-        # padding as an additive bias (0 or the dtype's min): one pass over the scores
-        mask_bias = torch.zeros(visible.shape, dtype=q.dtype, device=q.device)
-        mask_bias.masked_fill_(~visible, torch.finfo(q.dtype).min)
-        weights = _DropoutAttention._weights(q_scaled, k, mask_bias)
-        keep, scale = keep_mask(weights.shape, p, weights.device)
-        # stored as bytes; converted to float before each multiply (an in-place multiply by a byte
-        # tensor cast it element by element: ~1 ms vs 0.1 ms on [16, 10, 50, 50]; masked_fill_
-        # with the bool mask was slower still)
-        keep = keep.view(torch.uint8)
-        # the 1 / (1 - p) scale goes on the [.., d_h] side of each product, d_h << L_k
-        out = _narrow_matmul(weights.mul_(keep.to(weights.dtype)), v).mul_(scale)
-        ctx.save_for_backward(q_scaled, k, v, mask_bias, keep, out)
+    def forward(ctx, q, k, v, bias, p):
+        q_scaled = q * q.shape[-1] ** -0.5
+        weights = _Attention._weights(q_scaled, k, bias)  # [N, L_q, L_k]
+        store = weights.numel() * weights.element_size() <= STORE_WEIGHTS_BYTES
+        keep, scale, dropped = None, 1.0, weights
+        if p > 0:
+            keep, scale = keep_mask(weights.shape, p, weights.device)
+            # bytes converted before the multiply: an in-place multiply by a byte tensor cast it
+            # element by element (~1 ms vs 0.1 ms on [160, 50, 50])
+            keep = keep.view(torch.uint8).to(weights.dtype) if store else keep.view(torch.uint8)
+            dropped = weights * keep if store else weights.mul_(keep.to(weights.dtype))
+        # the 1 / (1 - p) scale goes on the [.., d_h] side of the product, d_h << L_k
+        out = _narrow_matmul(dropped, v)
+        if p > 0:
+            out = out.mul_(scale)
+        stored = (weights, dropped) if store else (None, None)
+        ctx.save_for_backward(q_scaled, k, v, bias, keep, out, *stored)
         ctx.scale = scale
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        q_scaled, k, v, mask_bias, keep, out = ctx.saved_tensors
-        weights = _DropoutAttention._weights(q_scaled, k, mask_bias)  # P
-        grad_out_scaled = grad_out * ctx.scale
-        keep = keep.to(weights.dtype)
-        grad_weights = (grad_out_scaled @ v.transpose(-2, -1)).mul_(keep)
+        q_scaled, k, v, bias, keep, out, weights, dropped = ctx.saved_tensors
+        if weights is None:  # recompute P (and P * mask in place: P itself is needed first)
+            weights = _Attention._weights(q_scaled, k, bias)
+        grad_out_scaled = grad_out * ctx.scale if keep is not None else grad_out
+        grad_weights = torch.bmm(grad_out_scaled, v.transpose(1, 2))
+        if keep is not None:
+            keep = keep.to(weights.dtype)  # a no-op for a stored float mask
+            grad_weights.mul_(keep)
         # softmax backward: dS = P * (dP - sum_j dP_j P_j), and sum_j dP_j P_j = dO . O per row
-        delta = (grad_out * out).sum(-1, keepdim=True)  # [B, H, L_q, 1]
+        delta = (grad_out * out).sum(-1, keepdim=True)  # [N, L_q, 1]
         grad_scores = grad_weights.sub_(delta).mul_(weights)
-        grad_v = _narrow_matmul(weights.mul_(keep).transpose(-2, -1), grad_out_scaled)
-        grad_q = _narrow_matmul(grad_scores, k).mul_(1.0 / math.sqrt(q_scaled.shape[-1]))
-        return grad_q, _narrow_matmul(grad_scores.transpose(-2, -1), q_scaled), grad_v, None, None
+        if dropped is None:
+            dropped = weights if keep is None else weights.mul_(keep)
+        grad_v = _narrow_matmul(dropped.transpose(1, 2), grad_out_scaled)
+        alpha = q_scaled.shape[-1] ** -0.5
+        grad_q = _narrow_matmul(grad_scores, k).mul_(alpha)
+        return grad_q, _narrow_matmul(grad_scores.transpose(1, 2), q_scaled), grad_v, None, None
 
 
 class MaskedMultiheadAttention(nn.Module):
@@ -127,14 +146,21 @@ class MaskedMultiheadAttention(nn.Module):
         # A sample whose keys are all padding attends to every key here (no NaN); its context is
         # zeroed below.
         has_keys = key_mask.any(dim=-1)  # [B]
-        visible = (key_mask | ~has_keys[:, None])[:, None, None, :]  # [B, 1, 1, L_k]
-        if self.training and self.dropout.p > 0:
+        visible = key_mask | ~has_keys[:, None]  # [B, L_k]
+        p = self.dropout.p if self.training else 0.0
+        if p > 0 or q.device.type == "cpu":
             # PyTorch's fused attention has no CPU kernel with dropout (its fallback materialises
-            # far more); this one keeps a 1-byte dropout mask per weight and recomputes the rest.
-            context = _DropoutAttention.apply(q, k, v, visible, self.dropout.p)  # [B, H, L_q, d_h]
+            # far more), and on CPU its kernel without dropout took 6.4 ms forward and backward
+            # where this took ~3 (MulT, [16, 10, 50, 5])
+            b, heads, length_q, head_dim = q.shape
+            bias = torch.zeros(visible.shape, dtype=q.dtype, device=q.device)
+            bias = bias.masked_fill_(~visible, torch.finfo(q.dtype).min)[:, None, None, :]
+            bias = bias.expand(b, heads, 1, visible.shape[1]).reshape(b * heads, 1, -1)
+            context = _Attention.apply(*(t.reshape(b * heads, t.shape[2], head_dim) for t in (q, k, v)),
+                                       bias, p).view(b, heads, length_q, head_dim)
         else:
             # fused attention: the [B, H, L_q, L_k] weights are never stored
-            context = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None, None, :])
         context = context * has_keys[:, None, None, None].to(context.dtype)
         context = context.transpose(1, 2).reshape(query.shape[0], query.shape[1], -1)
         return self.out_proj(context)

@@ -33,7 +33,10 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.devic
     numel = math.prod(shape)
     words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)
     uniform16 = words.view(torch.int16)[:numel].view(shape)  # uniform on [-2^15, 2^15)
-    return uniform16 >= dropped - _LEVELS // 2, _LEVELS / (_LEVELS - dropped)
+    # compared into bytes and viewed as bool: a bool-typed comparison ran ~3.5x slower on CPU
+    keep = torch.empty(shape, dtype=torch.uint8, device=device)
+    torch.ge(uniform16, dropped - _LEVELS // 2, out=keep)
+    return keep.view(torch.bool), _LEVELS / (_LEVELS - dropped)
 
 
 class WideDropout(nn.Dropout):
@@ -47,4 +50,5 @@ class WideDropout(nn.Dropout):
             return x * 0.0
         # one scaled float mask, built without autograd: one wide multiply forward and backward
         keep, scale = keep_mask(x.shape, self.p, x.device)
-        return x * keep.to(x.dtype).mul_(scale)
+        # bool -> float conversion was ~7x slower than uint8 -> float on CPU
+        return x * keep.view(torch.uint8).to(x.dtype).mul_(scale)

@@ -131,15 +131,76 @@ def _input_gates(lstm: nn.LSTM, x: torch.Tensor, real: torch.Tensor, padding_bia
 
 def _recurrence(lstm: nn.LSTM, gates_in: torch.Tensor) -> torch.Tensor:
     """gates_in [T, B, 4 * hidden] -> hidden states [T, B, hidden] (gate order i, f, g, o)."""
-    w_hh = lstm.weight_hh_l0.t()
-    h = c = gates_in.new_zeros(gates_in.shape[1], lstm.hidden_size)
-    states = []
-    for gate_in in gates_in.unbind(0):
-        i, f, g, o = torch.addmm(gate_in, h, w_hh).chunk(4, dim=1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        h = torch.sigmoid(o) * torch.tanh(c)
-        states.append(h)
-    return torch.stack(states) if states else gates_in.new_zeros(0, gates_in.shape[1], lstm.hidden_size)
+    if gates_in.shape[0] == 0:
+        return gates_in.new_zeros(0, gates_in.shape[1], lstm.hidden_size)
+    return _Recurrence.apply(gates_in, lstm.weight_hh_l0)
+
+
+class _Recurrence(torch.autograd.Function):
+    """The LSTM recurrence with a hand-written backward: gates_in [T, B, 4H] (W_ih x + biases),
+    w_hh [4H, H] -> h [T, B, H], c_0 = h_0 = 0.
+
+    Forward: per step one addmm and eight elementwise kernels writing into preallocated buffers
+    (tanh of g on a contiguous copy: over the strided gate slice it ran ~3x slower). Backward: per
+    step five kernels (gate gradients from coefficients computed for all steps at once, then
+    dh_{t-1} = dgates_t @ W_hh); the gradient of W_hh is ONE product over all steps, that of
+    gates_in the gate gradients themselves. Autograd over the same loop recorded ~30 nodes a
+    step. MMSA's LMF text LSTM (B = 64, L = 50, 768 -> 128), forward + backward, 2 threads, same
+    process, 6 alternating rounds: 53-66 ms against 60-77 ms with autograd (nn.LSTM over the
+    zero-padded input: 63-78 ms). Same arithmetic as nn.LSTM (outputs and gradients equal to
+    1e-12 in float64; summation order differs, so float32 results agree to rounding).
+    Not twice differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, gates_in: torch.Tensor, w_hh: torch.Tensor) -> torch.Tensor:
+        steps, batch, four_h = gates_in.shape
+        h = four_h // 4
+        acts = torch.empty_like(gates_in)  # sigmoid of i, f, o; the g slot keeps its pre-activation
+        g_act = gates_in.new_empty(steps, batch, h)  # tanh of g, contiguous (tanh over a strided
+        cells = gates_in.new_zeros(steps + 1, batch, h)  # slice was 3x slower); cells[t + 1] = c_t
+        tanh_cells = gates_in.new_empty(steps, batch, h)
+        hidden = gates_in.new_zeros(steps + 1, batch, h)  # hidden[t + 1] = h_t
+        w_t = w_hh.t()
+        for t in range(steps):
+            a, g = acts[t], g_act[t]
+            torch.addmm(gates_in[t], hidden[t], w_t, out=a)
+            g.copy_(a[:, 2 * h : 3 * h]).tanh_()
+            a[:, : 2 * h].sigmoid_()
+            a[:, 3 * h :].sigmoid_()
+            torch.mul(a[:, h : 2 * h], cells[t], out=cells[t + 1])
+            cells[t + 1].addcmul_(a[:, :h], g)
+            torch.tanh(cells[t + 1], out=tanh_cells[t])
+            torch.mul(a[:, 3 * h :], tanh_cells[t], out=hidden[t + 1])
+        ctx.save_for_backward(acts, g_act, cells, tanh_cells, hidden, w_hh)
+        return hidden[1:]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_hidden: torch.Tensor):
+        acts, g, cells, tanh_cells, hidden, w_hh = ctx.saved_tensors
+        steps, batch, four_h = acts.shape
+        h = four_h // 4
+        i, f, _, o = acts.split(h, dim=2)
+        # d(pre-activation) = coef * dc for i, f, g and coef * dh for o; dc_t += dh_t * o (1 - tanh^2)
+        coef = torch.cat([g * i * (1 - i), cells[:-1] * f * (1 - f), i * (1 - g * g),
+                          tanh_cells * o * (1 - o)], dim=2)
+        through_tanh = o * (1 - tanh_cells * tanh_cells)
+        dgates = torch.empty_like(acts)
+        dh = grad_hidden[-1].clone()
+        dc = torch.zeros_like(dh)
+        for t in reversed(range(steps)):
+            dc.addcmul_(dh, through_tanh[t])
+            d = dgates[t]
+            torch.mul(coef[t, :, : 3 * h].view(batch, 3, h), dc[:, None, :],
+                      out=d[:, : 3 * h].view(batch, 3, h))
+            torch.mul(dh, coef[t, :, 3 * h :], out=d[:, 3 * h :])
+            dc.mul_(f[t])
+            if t:
+                dh = torch.addmm(grad_hidden[t - 1], d, w_hh)
+        # dW_hh = sum_t dgates_t^T h_{t-1}; h_{-1} = 0
+        grad_w = dgates[1:].reshape(-1, four_h).t() @ hidden[1:steps].reshape(-1, h)
+        return dgates, grad_w
 
 
 def build_encoder(kind: str, in_dim: int, hidden: int, dropout: float) -> nn.Module:
