@@ -162,16 +162,21 @@ class _Recurrence(torch.autograd.Function):
         tanh_cells = gates_in.new_empty(steps, batch, h)
         hidden = gates_in.new_zeros(steps + 1, batch, h)  # hidden[t + 1] = h_t
         w_t = w_hh.t()
+        # every per-step view made once (one unbind each): slicing inside the loop cost as much
+        # as the arithmetic at TFN's sizes (B = 32, H = 32)
+        gate_in, act, g_out = gates_in.unbind(0), acts.unbind(0), g_act.unbind(0)
+        i, f, g_pre, o = (acts[..., k * h : (k + 1) * h].unbind(0) for k in range(4))
+        i_f = acts[..., : 2 * h].unbind(0)
+        c, tanh_c, h_out = cells.unbind(0), tanh_cells.unbind(0), hidden.unbind(0)
         for t in range(steps):
-            a, g = acts[t], g_act[t]
-            torch.addmm(gates_in[t], hidden[t], w_t, out=a)
-            g.copy_(a[:, 2 * h : 3 * h]).tanh_()
-            a[:, : 2 * h].sigmoid_()
-            a[:, 3 * h :].sigmoid_()
-            torch.mul(a[:, h : 2 * h], cells[t], out=cells[t + 1])
-            cells[t + 1].addcmul_(a[:, :h], g)
-            torch.tanh(cells[t + 1], out=tanh_cells[t])
-            torch.mul(a[:, 3 * h :], tanh_cells[t], out=hidden[t + 1])
+            torch.addmm(gate_in[t], h_out[t], w_t, out=act[t])
+            g_out[t].copy_(g_pre[t]).tanh_()
+            i_f[t].sigmoid_()
+            o[t].sigmoid_()
+            torch.mul(f[t], c[t], out=c[t + 1])
+            c[t + 1].addcmul_(i[t], g_out[t])
+            torch.tanh(c[t + 1], out=tanh_c[t])
+            torch.mul(o[t], tanh_c[t], out=h_out[t + 1])
         ctx.save_for_backward(acts, g_act, cells, tanh_cells, hidden, w_hh)
         return hidden[1:]
 
@@ -189,15 +194,19 @@ class _Recurrence(torch.autograd.Function):
         dgates = torch.empty_like(acts)
         dh = grad_hidden[-1].clone()
         dc = torch.zeros_like(dh)
+        dc_3 = dc[:, None, :]  # broadcast over the i, f, g slots; dc changes in place
+        coef_ifg = coef[..., : 3 * h].view(steps, batch, 3, h).unbind(0)
+        coef_o, tanh_factor, f_t = coef[..., 3 * h :].unbind(0), through_tanh.unbind(0), f.unbind(0)
+        d_all = dgates.unbind(0)
+        d_ifg = dgates[..., : 3 * h].view(steps, batch, 3, h).unbind(0)
+        d_o, grad_h = dgates[..., 3 * h :].unbind(0), grad_hidden.unbind(0)
         for t in reversed(range(steps)):
-            dc.addcmul_(dh, through_tanh[t])
-            d = dgates[t]
-            torch.mul(coef[t, :, : 3 * h].view(batch, 3, h), dc[:, None, :],
-                      out=d[:, : 3 * h].view(batch, 3, h))
-            torch.mul(dh, coef[t, :, 3 * h :], out=d[:, 3 * h :])
-            dc.mul_(f[t])
+            dc.addcmul_(dh, tanh_factor[t])
+            torch.mul(coef_ifg[t], dc_3, out=d_ifg[t])
+            torch.mul(dh, coef_o[t], out=d_o[t])
+            dc.mul_(f_t[t])
             if t:
-                dh = torch.addmm(grad_hidden[t - 1], d, w_hh)
+                dh = torch.addmm(grad_h[t - 1], d_all[t], w_hh)
         # dW_hh = sum_t dgates_t^T h_{t-1}; h_{-1} = 0
         grad_w = dgates[1:].reshape(-1, four_h).t() @ hidden[1:steps].reshape(-1, h)
         return dgates, grad_w

@@ -398,6 +398,7 @@ def fit(
             raise TrainingError(f"train.select_metric {metric!r} is not a validation metric: {sorted(valid_metrics)}")
         if is_better(value, best_value, mode):
             best_value, best_epoch, bad_epochs = value, epoch + 1, 0
+            best_state = None  # freed before the copy: one model's worth less at the peak
             best_state = _state_copy(model)
         else:
             bad_epochs += 1
