@@ -27,6 +27,10 @@ What it does (every step is in this file; nothing of MMSA is vendored):
 Results go to `OUT/against_mmsa.{json,md}`; `--publish` copies the report to
 `benchmarks/results/against_mmsa.md`.
 
+MISA and Self-MM are not run: MMSA 2.2.1 builds both on `BertTextEncoder`, which calls
+`from_pretrained("bert-base-uncased")` (MISA asserts `use_bert`, SELF_MM builds it
+unconditionally): a hub download, which this benchmark does not make.
+
 Hyper-parameters: MMSA's `config_regression.json` (mosi) for each model; msakit's config is set to
 match (see `MSAKIT_CONFIGS`); the differences that remain are listed in `DIFFERENCES` and in the
 report.
