@@ -402,3 +402,32 @@ def test_fixed_seed_training_steps_equal_the_plain_autograd_formulas(monkeypatch
     close = (fast_params - plain_params).abs() <= 1e-5
     assert close.float().mean() > 0.99
     assert (fast_params - _train_steps(name, overrides, steps=5)[1]).abs().gt(1e-5).float().mean() > 0.5
+
+
+@pytest.mark.parametrize(("training", "p", "store_bytes", "fused"), [
+    (False, 0.3, None, False),  # small: msakit's kernel (faster on CPU)
+    (False, 0.3, 0, True),  # large, no dropout: the fused kernel, which never holds the weights
+    (True, 0.0, 0, True),
+    (True, 0.3, 0, False),  # dropout: always msakit's kernel (weights recomputed in backward)
+])
+def test_attention_routes_large_dropout_free_calls_to_the_fused_kernel(monkeypatch, training, p,
+                                                                       store_bytes, fused):
+    from msakit.modules import attention
+
+    if store_bytes is not None:
+        monkeypatch.setattr(attention, "STORE_WEIGHTS_BYTES", store_bytes)
+    calls = []
+    sdpa = attention.F.scaled_dot_product_attention
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    torch.manual_seed(0)
+    module = MaskedMultiheadAttention(16, 4, dropout=p).train(training)
+    query, key_value = torch.randn(3, 5, 16), torch.randn(3, 7, 16)
+    key_mask = torch.tensor([[1] * 7, [1, 1, 1, 0, 0, 0, 0], [0] * 7]).bool()
+    torch.manual_seed(1)
+    ours = module(query, key_value, key_value, key_mask)
+    assert bool(calls) is fused
+    torch.manual_seed(1)
+    reference = _reference_attention(module, query, key_value, key_mask,
+                                     _rand_dropout(p) if training and p else (lambda w: w))
+    assert torch.allclose(ours, reference, atol=1e-5)

@@ -59,7 +59,8 @@ class _Attention(torch.autograd.Function):
     padded key), p in [0, 1) -> [N, L_q, d_h] (a transposed view).
     Small weights (at most `STORE_WEIGHTS_BYTES`; MulT on aligned MOSI: 1.6 MB a layer) are kept
     for backward with the float mask and the dropped weights, so backward allocates nothing of
-    their size but the gradient (each fresh [160, 50, 50] tensor cost ~0.5 ms inside MulT's step).
+    their size but the gradient (a fresh [160, 50, 50] tensor cost ~0.5 ms to fill inside
+    MulT's step, profiled, against ~0.05 ms for one reused in a loop).
     Larger ones keep only the inputs, the output and a 1-byte mask, and are recomputed in backward
     as flash attention does: plain autograd keeps three float tensors of [N, L_q, L_k] per
     attention, and MulT at batch 128 on MOSI's unaligned lengths (audio 500, vision 375) needed
@@ -148,11 +149,13 @@ class MaskedMultiheadAttention(nn.Module):
         has_keys = key_mask.any(dim=-1)  # [B]
         visible = key_mask | ~has_keys[:, None]  # [B, L_k]
         p = self.dropout.p if self.training else 0.0
-        if p > 0 or q.device.type == "cpu":
+        b, heads, length_q, head_dim = q.shape
+        small = b * heads * length_q * k.shape[2] * q.element_size() <= STORE_WEIGHTS_BYTES
+        if p > 0 or (small and q.device.type == "cpu"):
             # PyTorch's fused attention has no CPU kernel with dropout (its fallback materialises
-            # far more), and on CPU its kernel without dropout took 6.4 ms forward and backward
-            # where this took ~3 (MulT, [16, 10, 50, 5])
-            b, heads, length_q, head_dim = q.shape
+            # far more); without dropout its CPU kernel is slower for small calls (one layer of
+            # MulT, 10 heads over [16, 50, 50], forward + backward with the projections: 7.1-9.7
+            # ms against 4.3-4.8 ms here) and leaner for large ones (it never holds the weights)
             bias = torch.zeros(visible.shape, dtype=q.dtype, device=q.device)
             bias = bias.masked_fill_(~visible, torch.finfo(q.dtype).min)[:, None, None, :]
             bias = bias.expand(b, heads, 1, visible.shape[1]).reshape(b * heads, 1, -1)
