@@ -146,8 +146,8 @@ class _Recurrence(torch.autograd.Function):
     dh_{t-1} = dgates_t @ W_hh); the gradient of W_hh is ONE product over all steps, that of
     gates_in the gate gradients themselves. Autograd over the same loop recorded ~30 nodes a
     step. MMSA's LMF text LSTM (B = 64, L = 50, 768 -> 128), forward + backward, 2 threads, same
-    process, 6 alternating rounds: 53-66 ms against 60-77 ms with autograd (nn.LSTM over the
-    zero-padded input: 63-78 ms). Same arithmetic as nn.LSTM (outputs and gradients equal to
+    process, 6 alternating rounds, two runs: 53-66 and 54-72 ms against 60-77 and 69-85 ms with
+    autograd (nn.LSTM over the zero-padded input: 63-78 ms). Same arithmetic as nn.LSTM (outputs and gradients equal to
     1e-12 in float64; summation order differs, so float32 results agree to rounding).
     Not twice differentiable.
     """
