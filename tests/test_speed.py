@@ -431,3 +431,27 @@ def test_attention_routes_large_dropout_free_calls_to_the_fused_kernel(monkeypat
     reference = _reference_attention(module, query, key_value, key_mask,
                                      _rand_dropout(p) if training and p else (lambda w: w))
     assert torch.allclose(ours, reference, atol=1e-5)
+
+
+@pytest.mark.parametrize("p", [0.3, 0.0])
+def test_attention_backward_runs_when_autocast_gives_float32_softmax_weights(monkeypatch, p):
+    """CUDA autocast runs softmax in float32 (CPU autocast keeps bf16; emulated here): the weights
+    kept for backward must not meet the bf16 gradients in one product. Gradients as without the
+    emulation (the dropped weights were cast to bf16 for the forward product anyway)."""
+    softmax = torch.softmax
+
+    def run(float32_softmax):
+        if float32_softmax:
+            monkeypatch.setattr(torch, "softmax", lambda x, dim: softmax(x.float(), dim))
+        torch.manual_seed(0)
+        module = MaskedMultiheadAttention(16, 4, dropout=p).train()
+        query, key_value = torch.randn(3, 5, 16), torch.randn(3, 7, 16)
+        key_mask = torch.tensor([[1] * 7, [1, 1, 1, 0, 0, 0, 0], [0] * 7]).bool()
+        torch.manual_seed(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = module(query, key_value, key_value, key_mask)
+        monkeypatch.undo()
+        return torch.autograd.grad(out.float().square().sum(), list(module.parameters()))
+
+    for g, e in zip(run(True), run(False), strict=True):
+        assert torch.allclose(g, e, atol=1e-2, rtol=1e-2)
