@@ -455,3 +455,20 @@ def test_attention_backward_runs_when_autocast_gives_float32_softmax_weights(mon
 
     for g, e in zip(run(True), run(False), strict=True):
         assert torch.allclose(g, e, atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("store_bytes", [None, 0])
+@pytest.mark.parametrize(("batch", "length_q"), [(0, 5), (3, 0)])
+def test_attention_takes_an_empty_batch_or_query_sequence(monkeypatch, store_bytes, batch, length_q):
+    from msakit.modules import attention
+
+    if store_bytes is not None:  # 0: the fused kernel in eval
+        monkeypatch.setattr(attention, "STORE_WEIGHTS_BYTES", store_bytes)
+    for training in (False, True):
+        module = MaskedMultiheadAttention(16, 4, dropout=0.3).train(training)
+        query = torch.randn(batch, length_q, 16, requires_grad=True)
+        key_value = torch.randn(batch, 7, 16)
+        out = module(query, key_value, key_value, torch.ones(batch, 7, dtype=torch.bool))
+        assert out.shape == (batch, length_q, 16)
+        out.sum().backward()
+        assert query.grad.shape == query.shape

@@ -161,14 +161,15 @@ class MaskedMultiheadAttention(nn.Module):
             # ms against 4.3-4.8 ms here) and leaner for large ones (it never holds the weights)
             bias = torch.zeros(visible.shape, dtype=q.dtype, device=q.device)
             bias = bias.masked_fill_(~visible, torch.finfo(q.dtype).min)[:, None, None, :]
-            bias = bias.expand(b, heads, 1, visible.shape[1]).reshape(b * heads, 1, -1)
+            bias = bias.expand(b, heads, 1, visible.shape[1]).reshape(b * heads, 1, visible.shape[1])
             context = _Attention.apply(*(t.reshape(b * heads, t.shape[2], head_dim) for t in (q, k, v)),
                                        bias, p).view(b, heads, length_q, head_dim)
         else:
             # fused attention: the [B, H, L_q, L_k] weights are never stored
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None, None, :])
         context = context * has_keys[:, None, None, None].to(context.dtype)
-        context = context.transpose(1, 2).reshape(query.shape[0], query.shape[1], -1)
+        # sizes spelled out: an empty batch or query sequence has no -1 to infer
+        context = context.transpose(1, 2).reshape(b, length_q, heads * head_dim)
         return self.out_proj(context)
 
 
