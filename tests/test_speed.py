@@ -472,3 +472,21 @@ def test_attention_takes_an_empty_batch_or_query_sequence(monkeypatch, store_byt
         assert out.shape == (batch, length_q, 16)
         out.sum().backward()
         assert query.grad.shape == query.shape
+
+
+@pytest.mark.parametrize("through_padding", [False, True])
+def test_lstm_encoder_runs_when_the_input_product_comes_back_in_half_precision(monkeypatch, through_padding):
+    """CUDA autocast returns F.linear in bf16/fp16 while the biases stay float32 (CPU autocast
+    does not, hence the emulation): the input gates are taken to the parameters' dtype, so the
+    recurrence runs in float32 and the gradients reach the weights."""
+    from msakit.modules import encoders
+
+    linear = encoders.F.linear
+    monkeypatch.setattr(encoders.F, "linear", lambda *a, **k: linear(*a, **k).to(torch.bfloat16))
+    torch.manual_seed(0)
+    encoder = encoders.LSTMEncoder(6, 4, 3, dropout=0.0, through_padding=through_padding)
+    x, mask = torch.randn(2, 5, 6), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]).bool()
+    out = encoder(x, mask)
+    out.square().sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(encoder.lstm.weight_ih_l0.grad).all()
+    assert encoder.lstm.weight_hh_l0.grad.abs().sum() > 0

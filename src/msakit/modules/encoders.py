@@ -126,14 +126,16 @@ def _input_gates(lstm: nn.LSTM, x: torch.Tensor, real: torch.Tensor, padding_bia
     frames = x.reshape(batch * length, x.shape[-1])  # not -1: a batch of 0 has no size to infer
     projected = F.linear(frames.index_select(0, b * length + t), lstm.weight_ih_l0, bias)
     base = bias.expand(steps * batch, gates).contiguous() if padding_bias else x.new_zeros(steps * batch, gates)
-    return base.index_copy(0, t * batch + b, projected).view(steps, batch, gates)
+    # in the parameters' dtype: under CUDA autocast the product comes back in half precision and
+    # index_copy refuses mixed dtypes; the recurrence then runs in the parameters' dtype
+    return base.index_copy(0, t * batch + b, projected.to(base.dtype)).view(steps, batch, gates)
 
 
 def _recurrence(lstm: nn.LSTM, gates_in: torch.Tensor) -> torch.Tensor:
     """gates_in [T, B, 4 * hidden] -> hidden states [T, B, hidden] (gate order i, f, g, o)."""
     if gates_in.shape[0] == 0:
         return gates_in.new_zeros(0, gates_in.shape[1], lstm.hidden_size)
-    return _Recurrence.apply(gates_in, lstm.weight_hh_l0)
+    return _Recurrence.apply(gates_in, lstm.weight_hh_l0.to(gates_in.dtype))  # its out= products are not autocast
 
 
 class _Recurrence(torch.autograd.Function):
