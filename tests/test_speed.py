@@ -404,14 +404,15 @@ def test_fixed_seed_training_steps_equal_the_plain_autograd_formulas(monkeypatch
     assert (fast_params - _train_steps(name, overrides, steps=5)[1]).abs().gt(1e-5).float().mean() > 0.5
 
 
-@pytest.mark.parametrize(("training", "p", "store_bytes", "fused"), [
-    (False, 0.3, None, False),  # small: msakit's kernel (faster on CPU)
-    (False, 0.3, 0, True),  # large, no dropout: the fused kernel, which never holds the weights
-    (True, 0.0, 0, True),
-    (True, 0.3, 0, False),  # dropout: always msakit's kernel (weights recomputed in backward)
+@pytest.mark.parametrize(("training", "p", "store_bytes", "lengths", "fused"), [
+    (False, 0.3, None, (20, 30), False),  # mid-sized: msakit's kernel (faster on CPU)
+    (False, 0.3, None, (5, 7), True),  # tiny: the fused kernel (faster there)
+    (False, 0.3, 0, (20, 30), True),  # large, no dropout: the fused kernel, which never holds the weights
+    (True, 0.0, 0, (20, 30), True),
+    (True, 0.3, 0, (5, 7), False),  # dropout: always msakit's kernel (weights recomputed in backward)
 ])
 def test_attention_routes_large_dropout_free_calls_to_the_fused_kernel(monkeypatch, training, p,
-                                                                       store_bytes, fused):
+                                                                       store_bytes, lengths, fused):
     from msakit.modules import attention
 
     if store_bytes is not None:
@@ -422,8 +423,10 @@ def test_attention_routes_large_dropout_free_calls_to_the_fused_kernel(monkeypat
                         lambda *a, **k: calls.append(1) or sdpa(*a, **k))
     torch.manual_seed(0)
     module = MaskedMultiheadAttention(16, 4, dropout=p).train(training)
-    query, key_value = torch.randn(3, 5, 16), torch.randn(3, 7, 16)
-    key_mask = torch.tensor([[1] * 7, [1, 1, 1, 0, 0, 0, 0], [0] * 7]).bool()
+    length_q, length_k = lengths
+    query, key_value = torch.randn(3, length_q, 16), torch.randn(3, length_k, 16)
+    key_mask = torch.ones(3, length_k, dtype=torch.bool)
+    key_mask[1, 3:], key_mask[2] = False, False
     torch.manual_seed(1)
     ours = module(query, key_value, key_value, key_mask)
     assert bool(calls) is fused

@@ -49,6 +49,10 @@ def _narrow_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 #: mask and the dropped weights as floats (what plain autograd keeps); larger ones (long unaligned
 #: sequences, large batches) are recomputed there and the mask is kept as bytes.
 STORE_WEIGHTS_BYTES = 4 * 2**20
+#: Without dropout on CPU, calls with fewer score entries per head (L_q * L_k) than this go to
+#: PyTorch's fused kernel: faster there (B 32, 8 heads, d_h 5, forward + backward, 2 threads:
+#: L = 8 1.9 vs 2.9 ms, L = 16 2.9 vs 3.3 ms; L = 32 7.8 vs 5.6 ms, L = 50 13.4 vs 8.5 ms).
+OWN_KERNEL_MIN_SCORES = 400
 
 
 class _Attention(torch.autograd.Function):
@@ -153,12 +157,14 @@ class MaskedMultiheadAttention(nn.Module):
         visible = key_mask | ~has_keys[:, None]  # [B, L_k]
         p = self.dropout.p if self.training else 0.0
         b, heads, length_q, head_dim = q.shape
-        small = b * heads * length_q * k.shape[2] * q.element_size() <= STORE_WEIGHTS_BYTES
-        if p > 0 or (small and q.device.type == "cpu"):
+        scores = length_q * k.shape[2]
+        small = b * heads * scores * q.element_size() <= STORE_WEIGHTS_BYTES
+        if p > 0 or (q.device.type == "cpu" and small and scores >= OWN_KERNEL_MIN_SCORES):
             # PyTorch's fused attention has no CPU kernel with dropout (its fallback materialises
-            # far more); without dropout its CPU kernel is slower for small calls (one layer of
-            # MulT, 10 heads over [16, 50, 50], forward + backward with the projections: 7.1-9.7
-            # ms against 4.3-4.8 ms here) and leaner for large ones (it never holds the weights)
+            # far more); without dropout its CPU kernel is slower for mid-sized calls (one MulT
+            # layer, 10 heads over [16, 50, 50], forward + backward with the projections: 7.1-9.7
+            # ms against 4.3-4.8 ms here), faster for tiny ones and leaner for large ones (it
+            # never holds the weights)
             bias = torch.zeros(visible.shape, dtype=q.dtype, device=q.device)
             bias = bias.masked_fill_(~visible, torch.finfo(q.dtype).min)[:, None, None, :]
             bias = bias.expand(b, heads, 1, visible.shape[1]).reshape(b * heads, 1, visible.shape[1])
