@@ -69,9 +69,11 @@ def test_readme_commands_run_as_shown(tmp_path, monkeypatch, capsys):
     for name in ("configs", "examples"):
         (tmp_path / name).symlink_to(ROOT / name)
     monkeypatch.chdir(tmp_path)
-    ran = []
+    ran, missing = [], []  # missing: run folders whose making command could not run here
     for argv in readme_commands(inline=False):
-        if not _runnable(argv):
+        if not _runnable(argv) or any(path in argv or f"{path}/" in " ".join(argv) for path in missing):
+            if "--out" in argv:
+                missing.append(argv[argv.index("--out") + 1])
             continue
         argv = [str(SHARED) if a == "../shared/data" else a for a in argv]
         if argv[0] == "--version":
