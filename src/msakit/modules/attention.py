@@ -62,9 +62,8 @@ class _Attention(torch.autograd.Function):
     q [N, L_q, d_h], k/v [N, L_k, d_h] (N = B * H), bias [N, 1, L_k] (0, or the dtype's min for a
     padded key), p in [0, 1) -> [N, L_q, d_h] (a transposed view).
     Small weights (at most `STORE_WEIGHTS_BYTES`; MulT on aligned MOSI: 1.6 MB a layer) are kept
-    for backward with the float mask and the dropped weights, so backward allocates nothing of
-    their size but the gradient (a fresh [160, 50, 50] tensor cost ~0.5 ms to fill inside
-    MulT's step, profiled, against ~0.05 ms for one reused in a loop).
+    for backward with the float mask and the dropped weights: backward then skips the score
+    product and softmax it would redo, and allocates nothing of their size but the gradient.
     Larger ones keep only the inputs, the output and a 1-byte mask, and are recomputed in backward
     as flash attention does: plain autograd keeps three float tensors of [N, L_q, L_k] per
     attention, and MulT at batch 128 on MOSI's unaligned lengths (audio 500, vision 375) needed
