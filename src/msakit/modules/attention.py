@@ -50,8 +50,9 @@ def _narrow_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 #: sequences, large batches) are recomputed there and the mask is kept as bytes.
 STORE_WEIGHTS_BYTES = 4 * 2**20
 #: Without dropout on CPU, calls with fewer score entries per head (L_q * L_k) than this go to
-#: PyTorch's fused kernel: faster there (B 32, 8 heads, d_h 5, forward + backward, 2 threads:
-#: L = 8 1.9 vs 2.9 ms, L = 16 2.9 vs 3.3 ms; L = 32 7.8 vs 5.6 ms, L = 50 13.4 vs 8.5 ms).
+#: PyTorch's fused kernel: faster there (B 32, 8 heads, d_h 5, forward + backward, 2 threads,
+#: fused vs `_Attention`: L = 8 1.9 vs 2.9 ms, L = 16 2.9 vs 3.3 ms; L = 32 7.8 vs 5.6 ms,
+#: L = 50 13.4 vs 8.5 ms).
 OWN_KERNEL_MIN_SCORES = 400
 
 
@@ -88,8 +89,12 @@ class _Attention(torch.autograd.Function):
             keep, scale = keep_mask(weights.shape, p, weights.device)
             # bytes converted before the multiply: an in-place multiply by a byte tensor cast it
             # element by element (~1 ms vs 0.1 ms on [160, 50, 50])
-            keep = keep.view(torch.uint8).to(weights.dtype) if store else keep.view(torch.uint8)
-            dropped = weights * keep if store else weights.mul_(keep.to(weights.dtype))
+            keep = keep.view(torch.uint8)
+            if store:  # the float mask is kept: backward multiplies by it without converting
+                keep = keep.to(weights.dtype)
+                dropped = weights * keep
+            else:
+                dropped = weights.mul_(keep.to(weights.dtype))
         # the 1 / (1 - p) scale goes on the [.., d_h] side of the product, d_h << L_k
         out = _narrow_matmul(dropped, v)
         if p > 0:
@@ -165,8 +170,8 @@ class MaskedMultiheadAttention(nn.Module):
             # ms against 4.3-4.8 ms here), faster for tiny ones and leaner for large ones (it
             # never holds the weights)
             bias = torch.zeros(visible.shape, dtype=q.dtype, device=q.device)
-            bias = bias.masked_fill_(~visible, torch.finfo(q.dtype).min)[:, None, None, :]
-            bias = bias.expand(b, heads, 1, visible.shape[1]).reshape(b * heads, 1, visible.shape[1])
+            bias = bias.masked_fill_(~visible, torch.finfo(q.dtype).min)[:, None, :]
+            bias = bias.expand(b, heads, visible.shape[1]).reshape(b * heads, 1, visible.shape[1])
             context = _Attention.apply(*(t.reshape(b * heads, t.shape[2], head_dim) for t in (q, k, v)),
                                        bias, p).view(b, heads, length_q, head_dim)
         else:

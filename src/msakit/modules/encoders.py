@@ -75,8 +75,8 @@ def lstm_last_state(lstm: nn.LSTM, x: torch.Tensor, lengths: torch.Tensor) -> to
     for every time-step slice (quadratic in the length), and the padded call runs oneDNN over
     the padding and computes the gradient of x, which is data. Here the input projection
     (most of the arithmetic: D_in x 4 * hidden per frame) is one matrix product over the real
-    frames only, and only the small recurrent product runs per step, time-major, so autograd
-    joins the steps with one `unbind` instead of a slice each.
+    frames only, and only the small recurrent product runs per step (`_Recurrence`, with a
+    hand-written backward).
     Raises ValueError for a bidirectional, multi-layer or bias-free LSTM, for lengths outside
     [1, L] and for lengths that are not [B].
     """
@@ -149,8 +149,9 @@ class _Recurrence(torch.autograd.Function):
     gates_in the gate gradients themselves. Autograd over the same loop recorded ~30 nodes a
     step. MMSA's LMF text LSTM (B = 64, L = 50, 768 -> 128), forward + backward, 2 threads, same
     process, 6 alternating rounds, two runs: 53-66 and 54-72 ms against 60-77 and 69-85 ms with
-    autograd (nn.LSTM over the zero-padded input: 63-78 ms). Same arithmetic as nn.LSTM (outputs and gradients equal to
-    1e-12 in float64; summation order differs, so float32 results agree to rounding).
+    autograd (nn.LSTM over the zero-padded input: 63-78 ms). Same arithmetic as nn.LSTM (outputs
+    and gradients equal to 1e-12 in float64; summation order differs, so float32 results agree to
+    rounding).
     Not twice differentiable.
     """
 
@@ -159,8 +160,8 @@ class _Recurrence(torch.autograd.Function):
         steps, batch, four_h = gates_in.shape
         h = four_h // 4
         acts = torch.empty_like(gates_in)  # sigmoid of i, f, o; the g slot keeps its pre-activation
-        g_act = gates_in.new_empty(steps, batch, h)  # tanh of g, contiguous (tanh over a strided
-        cells = gates_in.new_zeros(steps + 1, batch, h)  # slice was 3x slower); cells[t + 1] = c_t
+        g_act = gates_in.new_empty(steps, batch, h)  # tanh of g, contiguous
+        cells = gates_in.new_zeros(steps + 1, batch, h)  # cells[t + 1] = c_t
         tanh_cells = gates_in.new_empty(steps, batch, h)
         hidden = gates_in.new_zeros(steps + 1, batch, h)  # hidden[t + 1] = h_t
         w_t = w_hh.t()
