@@ -330,18 +330,11 @@ def test_keep_freed_memory_passes_mallopt_values_that_fit_a_c_int(monkeypatch):
 
 
 def _plain_attention_forward(self, query, key, value, key_mask):
-    """MaskedMultiheadAttention as plain autograd formulas, drawing the same dropout mask."""
-    q, k, v = (self._heads(p(x)) for p, x in
-               ((self.q_proj, query), (self.k_proj, key), (self.v_proj, value)))
-    has_keys = key_mask.any(dim=-1)
-    visible = (key_mask | ~has_keys[:, None])[:, None, None, :]
-    scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)
-    weights = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
-    if self.training and self.dropout.p > 0:
-        keep, scale = keep_mask(weights.shape, self.dropout.p)
-        weights = weights * keep * scale
-    context = (weights @ v) * has_keys[:, None, None, None]
-    return self.out_proj(context.transpose(1, 2).reshape(query.shape[0], query.shape[1], -1))
+    """MaskedMultiheadAttention as `_reference_attention`, drawing the same dropout mask (MulT
+    passes one tensor as key and value)."""
+    assert key is value
+    p = self.dropout.p if self.training else 0.0
+    return _reference_attention(self, query, key, key_mask, _rand_dropout(p) if p else (lambda w: w))
 
 
 def _plain_recurrence(lstm, gates_in):
