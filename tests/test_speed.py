@@ -337,11 +337,14 @@ def _plain_attention_forward(self, query, key, value, key_mask):
     return _reference_attention(self, query, key, key_mask, _rand_dropout(p) if p else (lambda w: w))
 
 
-def _plain_recurrence(lstm, gates_in):
-    """The LSTM recurrence step by step under autograd (what `_Recurrence` replaced)."""
-    h = c = gates_in.new_zeros(gates_in.shape[1], lstm.hidden_size)
+def _plain_recurrence(lstm, projected, index, steps, batch):
+    """The LSTM recurrence step by step under autograd (what `_Recurrence` replaced): input gates
+    = biases everywhere plus W_ih x at the real frames' rows."""
+    bias = lstm.bias_ih_l0 + lstm.bias_hh_l0
+    gates_in = bias.expand(steps * batch, bias.shape[0]).index_add(0, index, projected)
+    h = c = projected.new_zeros(batch, lstm.hidden_size)
     states = []
-    for gate_in in gates_in.unbind(0):
+    for gate_in in gates_in.view(steps, batch, -1).unbind(0):
         i, f, g, o = torch.addmm(gate_in, h, lstm.weight_hh_l0.t()).chunk(4, dim=1)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         h = torch.sigmoid(o) * torch.tanh(c)

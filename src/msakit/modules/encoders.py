@@ -88,7 +88,7 @@ def lstm_last_state(lstm: nn.LSTM, x: torch.Tensor, lengths: torch.Tensor) -> to
     if batch and not (int(lengths.min()) >= 1 and steps <= length):
         raise ValueError(f"lstm_last_state: lengths must lie in [1, {length}]")
     real = torch.arange(steps, device=x.device)[:, None] < lengths[None, :]  # [T, B]
-    states = _recurrence(lstm, _input_gates(lstm, x, real, padding_bias=False))
+    states = _lstm_states(lstm, x, real)
     return states[lengths - 1, torch.arange(batch, device=x.device)]
 
 
@@ -107,7 +107,7 @@ def lstm_padded_state(lstm: nn.LSTM, x: torch.Tensor, mask: torch.Tensor) -> tor
         raise ValueError(f"lstm_padded_state: x {tuple(x.shape)} needs a mask [B, L] with L >= 1, "
                          f"got {tuple(mask.shape)}")
     real = mask.t().bool()  # [L, B], time-major
-    return _recurrence(lstm, _input_gates(lstm, x, real, padding_bias=True))[-1]
+    return _lstm_states(lstm, x, real)[-1]
 
 
 def _check_simple(lstm: nn.LSTM, caller: str = "lstm_last_state") -> None:
@@ -116,63 +116,72 @@ def _check_simple(lstm: nn.LSTM, caller: str = "lstm_last_state") -> None:
         raise ValueError(f"{caller} needs a one-layer, one-direction, batch_first LSTM with biases")
 
 
-def _input_gates(lstm: nn.LSTM, x: torch.Tensor, real: torch.Tensor, padding_bias: bool) -> torch.Tensor:
-    """x [B, L, D_in], real [T, B] bool (T <= L) -> input gate pre-activations [T, B, 4 * hidden],
-    W_ih x + b over the real frames; the other frames hold b (padding_bias) or 0 (never read)."""
+def _lstm_states(lstm: nn.LSTM, x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """x [B, L, D_in], real [T, B] bool (T <= L) -> hidden states [T, B, hidden] of the recurrence
+    whose input gates are W_ih x + b at the real frames and b at the others (a zero frame)."""
     steps, batch = real.shape
-    length, gates = x.shape[1], 4 * lstm.hidden_size
     t, b = real.nonzero(as_tuple=True)  # the real frames, time-major
+    frames = x.reshape(batch * x.shape[1], x.shape[-1])  # not -1: a batch of 0 has no size to infer
+    projected = F.linear(frames.index_select(0, b * x.shape[1] + t), lstm.weight_ih_l0)  # [N, 4H]
+    return _recurrence(lstm, projected, t * batch + b, steps, batch)
+
+
+def _recurrence(lstm: nn.LSTM, projected: torch.Tensor, index: torch.Tensor, steps: int, batch: int
+                ) -> torch.Tensor:
+    """projected [N, 4H] (W_ih x of the real frames), index [N] (their rows t * B + b) ->
+    hidden states [T, B, H] (gate order i, f, g, o), c_0 = h_0 = 0."""
+    if steps == 0:
+        return projected.new_zeros(0, batch, lstm.hidden_size)
     bias = lstm.bias_ih_l0 + lstm.bias_hh_l0
-    frames = x.reshape(batch * length, x.shape[-1])  # not -1: a batch of 0 has no size to infer
-    projected = F.linear(frames.index_select(0, b * length + t), lstm.weight_ih_l0, bias)
-    base = bias.expand(steps * batch, gates).contiguous() if padding_bias else x.new_zeros(steps * batch, gates)
-    # in the parameters' dtype: under CUDA autocast the product comes back in half precision and
-    # index_copy refuses mixed dtypes; the recurrence then runs in the parameters' dtype
-    return base.index_copy(0, t * batch + b, projected.to(base.dtype)).view(steps, batch, gates)
-
-
-def _recurrence(lstm: nn.LSTM, gates_in: torch.Tensor) -> torch.Tensor:
-    """gates_in [T, B, 4 * hidden] -> hidden states [T, B, hidden] (gate order i, f, g, o)."""
-    if gates_in.shape[0] == 0:
-        return gates_in.new_zeros(0, gates_in.shape[1], lstm.hidden_size)
-    return _Recurrence.apply(gates_in, lstm.weight_hh_l0.to(gates_in.dtype))  # its out= products are not autocast
+    # in the parameters' dtype: under CUDA autocast the product comes back in half precision;
+    # _Recurrence's out= products are not autocast
+    dtype = lstm.weight_hh_l0.dtype
+    return _Recurrence.apply(projected.to(dtype), index, bias.to(dtype), lstm.weight_hh_l0.to(dtype),
+                             steps, batch)
 
 
 class _Recurrence(torch.autograd.Function):
-    """The LSTM recurrence with a hand-written backward: gates_in [T, B, 4H] (W_ih x + biases),
-    w_hh [4H, H] -> h [T, B, H], c_0 = h_0 = 0.
+    """The LSTM recurrence with a hand-written backward: projected [N, 4H] (W_ih x of the real
+    frames), index [N] (their rows t * B + b), bias [4H] (b_ih + b_hh), w_hh [4H, H], T, B ->
+    h [T, B, H], c_0 = h_0 = 0; the input gates are bias + projected at the real frames and the
+    bias alone at the others (a zero frame).
 
-    Forward: per step one addmm and eight elementwise kernels writing into preallocated buffers
-    (tanh of g on a contiguous copy: over the strided gate slice it ran ~3x slower). Backward: per
-    step five kernels (gate gradients from coefficients computed for all steps at once, then
-    dh_{t-1} = dgates_t @ W_hh); the gradient of W_hh is ONE product over all steps, that of
-    gates_in the gate gradients themselves. Autograd over the same loop recorded ~30 nodes a
-    step. MMSA's LMF text LSTM (B = 64, L = 50, 768 -> 128), forward + backward, 2 threads, same
-    process, 6 alternating rounds, two runs: 53-66 and 54-72 ms against 60-77 and 69-85 ms with
-    autograd (nn.LSTM over the zero-padded input: 63-78 ms). Same arithmetic as nn.LSTM (outputs
-    and gradients equal to 1e-12 in float64; summation order differs, so float32 results agree to
-    rounding).
+    Forward: the gate buffer is filled once (bias, then the real frames added), then per step
+    one in-place addmm and eight elementwise kernels writing into preallocated buffers (tanh of
+    g on a contiguous copy: over the strided gate slice it ran ~3x slower). Backward: per step
+    five kernels (gate gradients from coefficients computed for all steps at once, then
+    dh_{t-1} = dgates_t @ W_hh); the gradient of W_hh is ONE product over all steps, that of the
+    bias one sum, that of `projected` the gate gradients of the real frames. Autograd over the
+    same loop recorded ~30 nodes a step, and building the gates under autograd (bias expanded,
+    index_copy) cost two more full-size copies forward and backward. MMSA's LMF text LSTM
+    (B = 64, L = 50, 768 -> 128), forward + backward, 2 threads, same process, 6 alternating
+    rounds, two runs: 53-66 and 54-72 ms against 60-77 and 69-85 ms with autograd (nn.LSTM over
+    the zero-padded input: 63-78 ms). Same arithmetic as nn.LSTM (outputs and gradients equal
+    to 1e-12 in float64; summation order differs, so float32 results agree to rounding).
     Not twice differentiable.
     """
 
     @staticmethod
-    def forward(ctx, gates_in: torch.Tensor, w_hh: torch.Tensor) -> torch.Tensor:
-        steps, batch, four_h = gates_in.shape
+    def forward(ctx, projected, index, bias, w_hh, steps: int, batch: int) -> torch.Tensor:
+        four_h = bias.shape[0]
         h = four_h // 4
-        acts = torch.empty_like(gates_in)  # sigmoid of i, f, o; the g slot keeps its pre-activation
-        g_act = gates_in.new_empty(steps, batch, h)  # tanh of g, contiguous
-        cells = gates_in.new_zeros(steps + 1, batch, h)  # cells[t + 1] = c_t
-        tanh_cells = gates_in.new_empty(steps, batch, h)
-        hidden = gates_in.new_zeros(steps + 1, batch, h)  # hidden[t + 1] = h_t
+        # sigmoid of i, f, o; the g slot keeps its pre-activation
+        acts = bias.expand(steps * batch, four_h).contiguous().index_add_(0, index, projected)
+        acts = acts.view(steps, batch, four_h)
+        g_act = acts.new_empty(steps, batch, h)  # tanh of g, contiguous
+        cells = acts.new_zeros(steps + 1, batch, h)  # cells[t + 1] = c_t
+        tanh_cells = acts.new_empty(steps, batch, h)
+        hidden = acts.new_zeros(steps + 1, batch, h)  # hidden[t + 1] = h_t
         w_t = w_hh.t()
         # every per-step view made once (one unbind each): slicing inside the loop cost as much
         # as the arithmetic at TFN's sizes (B = 32, H = 32)
-        gate_in, act, g_out = gates_in.unbind(0), acts.unbind(0), g_act.unbind(0)
+        act, g_out = acts.unbind(0), g_act.unbind(0)
         i, f, g_pre, o = (acts[..., k * h : (k + 1) * h].unbind(0) for k in range(4))
         i_f = acts[..., : 2 * h].unbind(0)
         c, tanh_c, h_out = cells.unbind(0), tanh_cells.unbind(0), hidden.unbind(0)
         for t in range(steps):
-            torch.addmm(gate_in[t], h_out[t], w_t, out=act[t])
+            if t:  # h_0 = 0
+                act[t].addmm_(h_out[t], w_t)
             g_out[t].copy_(g_pre[t]).tanh_()
             i_f[t].sigmoid_()
             o[t].sigmoid_()
@@ -180,13 +189,13 @@ class _Recurrence(torch.autograd.Function):
             c[t + 1].addcmul_(i[t], g_out[t])
             torch.tanh(c[t + 1], out=tanh_c[t])
             torch.mul(o[t], tanh_c[t], out=h_out[t + 1])
-        ctx.save_for_backward(acts, g_act, cells, tanh_cells, hidden, w_hh)
+        ctx.save_for_backward(index, acts, g_act, cells, tanh_cells, hidden, w_hh)
         return hidden[1:]
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_hidden: torch.Tensor):
-        acts, g, cells, tanh_cells, hidden, w_hh = ctx.saved_tensors
+        index, acts, g, cells, tanh_cells, hidden, w_hh = ctx.saved_tensors
         steps, batch, four_h = acts.shape
         h = four_h // 4
         i, f, _, o = acts.split(h, dim=2)
@@ -210,9 +219,10 @@ class _Recurrence(torch.autograd.Function):
             dc.mul_(f_t[t])
             if t:
                 dh = torch.addmm(grad_h[t - 1], d_all[t], w_hh)
+        rows = dgates.view(steps * batch, four_h)
         # dW_hh = sum_t dgates_t^T h_{t-1}; h_{-1} = 0
         grad_w = dgates[1:].reshape(-1, four_h).t() @ hidden[1:steps].reshape(-1, h)
-        return dgates, grad_w
+        return rows.index_select(0, index), None, rows.sum(0), grad_w, None, None
 
 
 def build_encoder(kind: str, in_dim: int, hidden: int, dropout: float) -> nn.Module:
