@@ -45,9 +45,9 @@ def _narrow_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (b.transpose(-2, -1) @ a.transpose(-2, -1)).transpose(-2, -1)
 
 
-#: Softmax weights of one attention call up to this size are kept for backward, with the dropout
-#: mask and the dropped weights as floats (what plain autograd keeps); larger ones (long unaligned
-#: sequences, large batches) are recomputed there and the mask is kept as bytes.
+#: Softmax weights of one attention call up to this size are kept for backward with the dropped
+#: weights (plain autograd keeps the float mask too); larger ones (long unaligned sequences, large
+#: batches) are recomputed there and the mask is kept as bytes.
 STORE_WEIGHTS_BYTES = 4 * 2**20
 #: Without dropout on CPU, calls with fewer score entries per head (L_q * L_k) than this go to
 #: PyTorch's fused kernel: faster there (B 32, 8 heads, d_h 5, forward + backward, 2 threads,
@@ -63,8 +63,9 @@ class _Attention(torch.autograd.Function):
     q [N, L_q, d_h], k/v [N, L_k, d_h] (N = B * H), bias [N, 1, L_k] (0, or the dtype's min for a
     padded key), p in [0, 1) -> [N, L_q, d_h] (a transposed view).
     Small weights (at most `STORE_WEIGHTS_BYTES`; MulT on aligned MOSI: 1.6 MB a layer) are kept
-    for backward with the float mask and the dropped weights: backward then skips the score
-    product and softmax it would redo, and allocates nothing of their size but the gradient.
+    for backward with the dropped weights: backward then skips the score product and softmax it
+    would redo, allocates nothing of their size but the gradient, and forms the score gradient
+    as dP * (P * M) - delta * P in two passes.
     Larger ones keep only the inputs, the output and a 1-byte mask, and are recomputed in backward
     as flash attention does: plain autograd keeps three float tensors of [N, L_q, L_k] per
     attention, and MulT at batch 128 on MOSI's unaligned lengths (audio 500, vision 375) needed
@@ -90,9 +91,8 @@ class _Attention(torch.autograd.Function):
             # bytes converted before the multiply: an in-place multiply by a byte tensor cast it
             # element by element (~1 ms vs 0.1 ms on [160, 50, 50])
             keep = keep.view(torch.uint8)
-            if store:  # the float mask is kept: backward multiplies by it without converting
-                keep = keep.to(weights.dtype)
-                dropped = weights * keep
+            if store:  # backward reads the dropped weights, not the mask
+                dropped, keep = weights * keep.to(weights.dtype), None
             else:
                 dropped = weights.mul_(keep.to(weights.dtype))
         # the 1 / (1 - p) scale goes on the [.., d_h] side of the product, d_h << L_k
@@ -110,20 +110,48 @@ class _Attention(torch.autograd.Function):
         q_scaled, k, v, bias, keep, out, weights, dropped = ctx.saved_tensors
         if weights is None:  # recompute P (and P * mask in place: P itself is needed first)
             weights = _Attention._weights(q_scaled, k, bias)
-        grad_out_scaled = grad_out * ctx.scale if keep is not None else grad_out
-        grad_weights = torch.bmm(grad_out_scaled, v.transpose(1, 2))
-        if keep is not None:
-            keep = keep.to(weights.dtype)  # a no-op for a stored float mask
-            grad_weights.mul_(keep)
-        # softmax backward: dS = P * (dP - sum_j dP_j P_j), and sum_j dP_j P_j = dO . O per row
+        grad_out_scaled = grad_out * ctx.scale if ctx.scale != 1.0 else grad_out
+        grad_weights = torch.bmm(grad_out_scaled, v.transpose(1, 2))  # dP (of the dropped weights)
+        # softmax backward: dS = P * (dP * M - sum_j dP_j M_j P_j), and that sum is dO . O per row
         delta = (grad_out * out).sum(-1, keepdim=True)  # [N, L_q, 1]
-        grad_scores = grad_weights.sub_(delta).mul_(weights)
-        if dropped is None:
-            dropped = weights if keep is None else weights.mul_(keep)
+        if dropped is not None:  # stored: dS = dP * (P * M) - delta * P, two passes
+            grad_scores = grad_weights.mul_(dropped).addcmul_(weights, delta, value=-1.0)
+        else:
+            if keep is not None:
+                grad_weights.mul_(keep.to(weights.dtype))
+            grad_scores = grad_weights.sub_(delta).mul_(weights)
+            dropped = weights if keep is None else weights.mul_(keep.to(weights.dtype))
         grad_v = _narrow_matmul(dropped.transpose(1, 2), grad_out_scaled)
         alpha = q_scaled.shape[-1] ** -0.5
         grad_q = _narrow_matmul(grad_scores, k).mul_(alpha)
         return grad_q, _narrow_matmul(grad_scores.transpose(1, 2), q_scaled), grad_v, None, None
+
+
+class KeyPadding:
+    """A key-padding mask prepared once for every attention over the same keys (the layers of a
+    transformer). key_mask [B, L_k] bool (True = real key).
+
+    visible [B, L_k]: the keys each query may read (a row without any real key reads all of
+    them, so nothing is NaN, and its context is zeroed: `empty_rows`, None when every row has
+    a key; checked on CPU only, where it costs no device sync). `bias(heads, dtype)`: the
+    additive score bias [B * heads, 1, L_k] (0, or dtype's min for a hidden key), built once
+    per (heads, dtype).
+    """
+
+    def __init__(self, key_mask: torch.Tensor):
+        has_keys = key_mask.any(dim=-1)  # [B]
+        self.visible = key_mask | ~has_keys[:, None]
+        every_row = key_mask.device.type == "cpu" and bool(has_keys.all())
+        self.empty_rows = None if every_row else ~has_keys
+        self._bias: dict = {}
+
+    def bias(self, heads: int, dtype: torch.dtype) -> torch.Tensor:
+        if (heads, dtype) not in self._bias:
+            b, length = self.visible.shape
+            bias = torch.zeros(self.visible.shape, dtype=dtype, device=self.visible.device)
+            bias = bias.masked_fill_(~self.visible, torch.finfo(dtype).min)[:, None, :]
+            self._bias[heads, dtype] = bias.expand(b, heads, length).reshape(b * heads, 1, length)
+        return self._bias[heads, dtype]
 
 
 class MaskedMultiheadAttention(nn.Module):
@@ -150,15 +178,15 @@ class MaskedMultiheadAttention(nn.Module):
         return x.view(b, length, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, L, d_h]
 
     def forward(
-        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_mask: torch.Tensor
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_mask: torch.Tensor,
+        padding: KeyPadding | None = None,
     ) -> torch.Tensor:
+        """`padding`: `KeyPadding(key_mask)` made once for several calls over the same keys."""
         q = self._heads(self.q_proj(query))
         k = self._heads(self.k_proj(key))
         v = self._heads(self.v_proj(value))
-        # A sample whose keys are all padding attends to every key here (no NaN); its context is
-        # zeroed below.
-        has_keys = key_mask.any(dim=-1)  # [B]
-        visible = key_mask | ~has_keys[:, None]  # [B, L_k]
+        padding = padding if padding is not None else KeyPadding(key_mask)
+        visible = padding.visible  # [B, L_k]
         p = self.dropout.p if self.training else 0.0
         b, heads, length_q, head_dim = q.shape
         scores = length_q * k.shape[2]
@@ -169,15 +197,13 @@ class MaskedMultiheadAttention(nn.Module):
             # layer, 10 heads over [16, 50, 50], forward + backward with the projections: 7.1-9.7
             # ms against 4.3-4.8 ms here), faster for tiny ones and leaner for large ones (it
             # never holds the weights)
-            bias = torch.zeros(visible.shape, dtype=q.dtype, device=q.device)
-            bias = bias.masked_fill_(~visible, torch.finfo(q.dtype).min)[:, None, :]
-            bias = bias.expand(b, heads, visible.shape[1]).reshape(b * heads, 1, visible.shape[1])
             context = _Attention.apply(*(t.reshape(b * heads, t.shape[2], head_dim) for t in (q, k, v)),
-                                       bias, p).view(b, heads, length_q, head_dim)
+                                       padding.bias(heads, q.dtype), p).view(b, heads, length_q, head_dim)
         else:
             # fused attention: the [B, H, L_q, L_k] weights are never stored
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None, None, :])
-        context = context * has_keys[:, None, None, None].to(context.dtype)
+        if padding.empty_rows is not None:  # rows without a real key: context 0
+            context = context.masked_fill(padding.empty_rows[:, None, None, None], 0.0)
         # sizes spelled out: an empty batch or query sequence has no -1 to infer
         context = context.transpose(1, 2).reshape(b, length_q, heads * head_dim)
         return self.out_proj(context)
@@ -216,10 +242,11 @@ class CrossModalLayer(nn.Module):
         x: torch.Tensor,
         context: torch.Tensor | None,
         context_mask: torch.Tensor,
+        padding: KeyPadding | None = None,
     ) -> torch.Tensor:
         q = self.norm_attention(x)
         kv = q if context is None else self.norm_attention(context)
-        x = x + self.res_dropout(self.attention(q, kv, kv, context_mask))
+        x = x + self.res_dropout(self.attention(q, kv, kv, context_mask, padding))
         h = self.relu_dropout(F.relu(self.fc1(self.norm_ff(x))))
         return x + self.res_dropout(self.fc2(h))
 
@@ -271,6 +298,7 @@ class CrossModalTransformer(nn.Module):
         source, source_mask = (None, x_mask) if context is None else (
             self._embed(context, context_mask), context_mask
         )
+        padding = KeyPadding(source_mask)  # once for all layers
         for layer in self.layers:
-            h = layer(h, source, source_mask)
+            h = layer(h, source, source_mask, padding)
         return self.norm(h).masked_fill(~x_mask[..., None], 0.0)
