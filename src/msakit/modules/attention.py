@@ -77,7 +77,7 @@ class _Attention(torch.autograd.Function):
     def _weights(q_scaled, k, bias):
         # in q's dtype: CUDA autocast runs softmax in float32, and the kept weights meet gradients
         # in q's dtype in backward's products (the dropped weights are cast for the product anyway)
-        weights = torch.softmax(torch.bmm(q_scaled, k.transpose(1, 2)).add_(bias), dim=-1)
+        weights = torch.softmax(torch.baddbmm(bias, q_scaled, k.transpose(1, 2)), dim=-1)
         return weights.to(q_scaled.dtype)
 
     @staticmethod
