@@ -329,12 +329,16 @@ def test_keep_freed_memory_passes_mallopt_values_that_fit_a_c_int(monkeypatch):
     assert allocator.keep_freed_memory() is False and len(calls) == 2
 
 
-def _plain_attention_forward(self, query, key, value, key_mask, padding=None):
-    """MaskedMultiheadAttention as `_reference_attention`, drawing the same dropout mask (MulT
-    passes one tensor as key and value)."""
+def _plain_attention_forward(self, query, key, value, key_mask, padding=None, query_rows=None,
+                             key_rows=None):
+    """MaskedMultiheadAttention as `_reference_attention` over the padded sequences, drawing the
+    same dropout mask (MulT passes one tensor as key and value)."""
     assert key is value
     p = self.dropout.p if self.training else 0.0
-    return _reference_attention(self, query, key, key_mask, _rand_dropout(p) if p else (lambda w: w))
+    query = query if query_rows is None else query_rows.unpack(query)
+    key = key if key_rows is None else key_rows.unpack(key)
+    out = _reference_attention(self, query, key, key_mask, _rand_dropout(p) if p else (lambda w: w))
+    return out if query_rows is None else query_rows.pack(out)
 
 
 def _plain_recurrence(lstm, projected, index, steps, batch):
@@ -489,3 +493,76 @@ def test_lstm_encoder_runs_when_the_input_product_comes_back_in_half_precision(m
     out.square().sum().backward()
     assert torch.isfinite(out).all() and torch.isfinite(encoder.lstm.weight_ih_l0.grad).all()
     assert encoder.lstm.weight_hh_l0.grad.abs().sum() > 0
+
+
+def _every_frame_transformer(transformer, x, x_mask, context, context_mask):
+    """CrossModalTransformer computing every frame, padding included (what it did before its
+    layers ran on the real frames only)."""
+    from msakit.modules.attention import KeyPadding
+
+    h = transformer._embed(x, x_mask)
+    source = None if context is None else transformer._embed(context, context_mask)
+    source_mask = x_mask if context is None else context_mask
+    padding = KeyPadding(source_mask)
+    for layer in transformer.layers:
+        h = layer(h, source, source_mask, padding)
+    return transformer.norm(h).masked_fill(~x_mask[..., None], 0.0)
+
+
+@pytest.mark.parametrize("cross", [True, False])
+def test_transformer_layers_run_on_the_real_frames_only_with_every_frames_numbers(monkeypatch, cross):
+    """The layers see packed real frames ([N, D]), and the outputs and gradients equal those of
+    the same layers over every frame (padding hidden from the keys), padded outputs 0: a row
+    without any real key and a sample without any real query frame included."""
+    from msakit.modules.attention import CrossModalLayer, CrossModalTransformer
+
+    torch.manual_seed(0)
+    transformer = CrossModalTransformer(8, 2, layers=2).double()
+    x = torch.randn(3, 6, 8, dtype=torch.float64, requires_grad=True)
+    context = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True) if cross else None
+    x_mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0]]).bool()
+    context_mask = torch.tensor([[1, 1, 0, 0, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]]).bool()
+    x_mask_used = x_mask if cross else torch.tensor([[1, 1, 1, 1, 0, 0], [0] * 6, [1, 1, 1, 0, 0, 0]]).bool()
+    seen = []
+    layer_forward = CrossModalLayer.forward
+    monkeypatch.setattr(CrossModalLayer, "forward",
+                        lambda self, h, *a: seen.append(tuple(h.shape)) or layer_forward(self, h, *a))
+    args = (x, x_mask_used, context, context_mask if cross else None)
+    ours = transformer(*args)
+    assert seen == [(int(x_mask_used.sum()), 8)] * 2
+    reference = _every_frame_transformer(transformer, *args)
+    inputs = [x, *([context] if cross else []), *transformer.parameters()]
+    assert torch.allclose(ours, reference, atol=1e-12)
+    assert (ours[~x_mask_used] == 0).all()
+    for g, e in zip(torch.autograd.grad(ours.square().sum(), inputs, allow_unused=True),
+                    torch.autograd.grad(reference.square().sum(), inputs, allow_unused=True), strict=True):
+        assert (g is None and e is None) or torch.allclose(g, e, atol=1e-10)
+    empty = transformer(x[:0], x_mask[:0], None if context is None else context[:0],
+                        context_mask[:0] if cross else None)
+    assert empty.shape == (0, 6, 8)
+
+
+def test_key_padding_is_made_once_per_transformer_and_skips_the_empty_row_fill_when_none(monkeypatch):
+    from msakit.modules import attention
+
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]]).bool()
+    padding = attention.KeyPadding(mask)
+    assert padding.empty_rows is None and torch.equal(padding.visible, mask)
+    bias = padding.bias(2, torch.float32)
+    assert bias is padding.bias(2, torch.float32) and bias.shape == (4, 1, 3)
+    assert torch.equal(bias[:2, 0], torch.tensor([[0.0, 0.0, torch.finfo(torch.float32).min]] * 2))
+    assert (bias[2:] == 0).all()
+    holed = attention.KeyPadding(torch.tensor([[0, 0, 0], [1, 0, 1]]).bool())
+    assert torch.equal(holed.empty_rows, torch.tensor([True, False]))
+    assert torch.equal(holed.visible, torch.tensor([[1, 1, 1], [1, 0, 1]]).bool())
+
+    made = []
+
+    class Counting(attention.KeyPadding):
+        def __init__(self, key_mask):
+            made.append(1)
+            super().__init__(key_mask)
+
+    monkeypatch.setattr(attention, "KeyPadding", Counting)
+    attention.CrossModalTransformer(8, 2, layers=3)(torch.randn(2, 4, 8), torch.ones(2, 4, dtype=torch.bool))
+    assert made == [1]

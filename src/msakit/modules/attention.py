@@ -154,6 +154,29 @@ class KeyPadding:
         return self._bias[heads, dtype]
 
 
+class RealRows:
+    """The real frames of a padded batch as rows: mask [B, L] bool (True = real frame).
+
+    `pack` x [B, L, D] -> [N, D] (the N real frames, batch-major); `unpack` [N, D] -> [B, L, D]
+    with zeros at the padding. A transformer whose keys hide the padding computes its
+    position-wise parts (LayerNorms, projections, feed-forward) on the packed rows only: the real
+    frames' outputs are the same, and the work on padding frames (~40% of MOSI's aligned frames
+    in a batch) is skipped.
+    """
+
+    def __init__(self, mask: torch.Tensor):
+        self.shape = tuple(mask.shape)
+        self.index = mask.reshape(-1).nonzero().squeeze(1)  # [N]
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(-1, x.shape[-1]).index_select(0, self.index)
+
+    def unpack(self, rows: torch.Tensor) -> torch.Tensor:
+        b, length = self.shape
+        out = rows.new_zeros(b * length, rows.shape[-1]).index_copy_(0, self.index, rows)
+        return out.view(b, length, rows.shape[-1])
+
+
 class MaskedMultiheadAttention(nn.Module):
     """Multi-head scaled dot-product attention with a key-padding mask.
 
@@ -179,12 +202,18 @@ class MaskedMultiheadAttention(nn.Module):
 
     def forward(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_mask: torch.Tensor,
-        padding: KeyPadding | None = None,
+        padding: KeyPadding | None = None, query_rows: RealRows | None = None,
+        key_rows: RealRows | None = None,
     ) -> torch.Tensor:
-        """`padding`: `KeyPadding(key_mask)` made once for several calls over the same keys."""
-        q = self._heads(self.q_proj(query))
-        k = self._heads(self.k_proj(key))
-        v = self._heads(self.v_proj(value))
+        """`padding`: `KeyPadding(key_mask)` made once for several calls over the same keys.
+        With `query_rows` the query is packed ([N_q, D], its real frames) and so is the output;
+        with `key_rows` key and value are packed ([N_k, D])."""
+        q, k, v = self.q_proj(query), self.k_proj(key), self.v_proj(value)
+        if query_rows is not None:
+            q = query_rows.unpack(q)
+        if key_rows is not None:
+            k, v = key_rows.unpack(k), key_rows.unpack(v)
+        q, k, v = self._heads(q), self._heads(k), self._heads(v)
         padding = padding if padding is not None else KeyPadding(key_mask)
         visible = padding.visible  # [B, L_k]
         p = self.dropout.p if self.training else 0.0
@@ -206,7 +235,7 @@ class MaskedMultiheadAttention(nn.Module):
             context = context.masked_fill(padding.empty_rows[:, None, None, None], 0.0)
         # sizes spelled out: an empty batch or query sequence has no -1 to infer
         context = context.transpose(1, 2).reshape(b, length_q, heads * head_dim)
-        return self.out_proj(context)
+        return self.out_proj(context if query_rows is None else query_rows.pack(context))
 
 
 class CrossModalLayer(nn.Module):
@@ -243,10 +272,15 @@ class CrossModalLayer(nn.Module):
         context: torch.Tensor | None,
         context_mask: torch.Tensor,
         padding: KeyPadding | None = None,
+        rows: RealRows | None = None,
+        context_rows: RealRows | None = None,
     ) -> torch.Tensor:
+        """x [B, L_q, D] (or its real frames [N_q, D] with `rows`), context [B, L_k, D] (or
+        [N_k, D] with `context_rows`; None: attend to x) -> x's shape."""
         q = self.norm_attention(x)
         kv = q if context is None else self.norm_attention(context)
-        x = x + self.res_dropout(self.attention(q, kv, kv, context_mask, padding))
+        key_rows = rows if context is None else context_rows
+        x = x + self.res_dropout(self.attention(q, kv, kv, context_mask, padding, rows, key_rows))
         h = self.relu_dropout(F.relu(self.fc1(self.norm_ff(x))))
         return x + self.res_dropout(self.fc2(h))
 
@@ -258,7 +292,8 @@ class CrossModalTransformer(nn.Module):
     x [B, L_q, D] (target), x_mask [B, L_q]; context [B, L_k, D] (source), context_mask [B, L_k]
     -> [B, L_q, D]. `context=None` makes it a self-attention transformer over x (MulT's
     "memory" transformers). Inputs are scaled by sqrt(D) and get positions 1..L added; embedding
-    dropout follows. Padded query positions are zeroed on the way in and on the way out.
+    dropout follows. The layers run on the real frames only (`RealRows`: padded keys are hidden,
+    so padding frames never reach a real frame's output); padded positions of the output are 0.
     """
 
     def __init__(
@@ -294,11 +329,16 @@ class CrossModalTransformer(nn.Module):
     ) -> torch.Tensor:
         if (context is None) != (context_mask is None):
             raise ValueError("CrossModalTransformer: pass context and context_mask together")
-        h = self._embed(x, x_mask)
-        source, source_mask = (None, x_mask) if context is None else (
-            self._embed(context, context_mask), context_mask
-        )
+        # the layers run on the real frames only (RealRows); embedding dropout is drawn over
+        # the padded tensors
+        rows = RealRows(x_mask)
+        h = rows.pack(self._embed(x, x_mask))
+        if context is None:
+            source, source_mask, source_rows = None, x_mask, rows
+        else:
+            source_rows = RealRows(context_mask)
+            source, source_mask = source_rows.pack(self._embed(context, context_mask)), context_mask
         padding = KeyPadding(source_mask)  # once for all layers
         for layer in self.layers:
-            h = layer(h, source, source_mask, padding)
-        return self.norm(h).masked_fill(~x_mask[..., None], 0.0)
+            h = layer(h, source, source_mask, padding, rows, source_rows)
+        return rows.unpack(self.norm(h))
