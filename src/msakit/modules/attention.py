@@ -136,6 +136,8 @@ class KeyPadding:
     a key; checked on CPU only, where it costs no device sync). `bias(heads, dtype)`: the
     additive score bias [B * heads, 1, L_k] (0, or dtype's min for a hidden key), built once
     per (heads, dtype).
+    Made per call before: with the backward's two-pass score gradient, 16 MulT training steps
+    took 6.47 vs 7.04 s (in-process, alternating).
     """
 
     def __init__(self, key_mask: torch.Tensor):
@@ -160,8 +162,13 @@ class RealRows:
     `pack` x [B, L, D] -> [N, D] (the N real frames, batch-major); `unpack` [N, D] -> [B, L, D]
     with zeros at the padding. A transformer whose keys hide the padding computes its
     position-wise parts (LayerNorms, projections, feed-forward) on the packed rows only: the real
-    frames' outputs are the same, and the work on padding frames (~40% of MOSI's aligned frames
-    in a batch) is skipped.
+    frames' outputs are the same, and the work on padding frames is skipped (47% of a batch's
+    frames on benchmarks/against_mmsa.py's MOSI-sized pickle). One MulT cross-modal transformer
+    (d 50, 10 heads, 4 layers, batch 16 x 49 frames, 66% real), forward + backward, 2 threads,
+    12 alternating rounds: 38.4 vs 40.7 ms median; 16 MulT training steps 6.21 vs 6.58 s. The
+    attention itself still runs over the padded [B, L_q, L_k] scores; grouping samples by length
+    into separately padded calls (40% fewer score entries at these sizes) was measured slower
+    (37.7 vs 36.8 ms): the per-call cost outweighed it.
     """
 
     def __init__(self, mask: torch.Tensor):

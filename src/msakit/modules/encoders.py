@@ -153,7 +153,8 @@ class _Recurrence(torch.autograd.Function):
     dh_{t-1} = dgates_t @ W_hh); the gradient of W_hh is ONE product over all steps, that of the
     bias one sum, that of `projected` the gate gradients of the real frames. Autograd over the
     same loop recorded ~30 nodes a step, and building the gates under autograd (bias expanded,
-    index_copy) cost two more full-size copies forward and backward. MMSA's LMF text LSTM
+    index_copy) cost two more full-size copies forward and backward (21 LMF training steps at
+    MMSA's mosi settings, in-process, 6 alternating rounds: 1.17 vs 1.22 s). MMSA's LMF text LSTM
     (B = 64, L = 50, 768 -> 128), forward + backward, 2 threads, same process, 6 alternating
     rounds, two runs: 53-66 and 54-72 ms against 60-77 and 69-85 ms with autograd (nn.LSTM over
     the zero-padded input: 63-78 ms). Same arithmetic as nn.LSTM (outputs and gradients equal
