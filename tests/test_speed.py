@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -566,3 +567,45 @@ def test_key_padding_is_made_once_per_transformer_and_skips_the_empty_row_fill_w
     monkeypatch.setattr(attention, "KeyPadding", Counting)
     attention.CrossModalTransformer(8, 2, layers=3)(torch.randn(2, 4, 8), torch.ones(2, 4, dtype=torch.bool))
     assert made == [1]
+
+
+def test_predict_keeps_no_batch_output_alive_while_the_next_batches_run(monkeypatch):
+    """predict() writes each batch's predictions into one array and drops the batch's arrays:
+    a list of per-batch arrays kept small objects alive between the large tensors of the next
+    batches, and with `keep_freed_memory` the heap grew by about a batch each time (TFN on the
+    MOSI-sized test split: up to +170 MiB of peak RSS). Predictions come back in row order."""
+    import dataclasses
+    import weakref
+
+    from fakes import make_data
+
+    from msakit.registry import create_model, get_model_entry
+    from msakit.train import loop
+
+    arrays = []
+
+    class Tracked(torch.Tensor):  # registers every numpy array made from a prediction
+        def numpy(self, *args, **kwargs):
+            array = torch.Tensor.numpy(self.as_subclass(torch.Tensor), *args, **kwargs)
+            arrays.append(weakref.ref(array))
+            return array
+
+    data = make_data(sizes=(8, 8, 40))
+    model = create_model("lf_dnn", dataclasses.replace(get_model_entry("lf_dnn").config_cls.tiny()), data.info)
+    alive_at_forward = []
+    forward = type(model).forward
+
+    def spy(self, batch):
+        alive_at_forward.append(sum(ref() is not None for ref in arrays[:-1]))
+        out = forward(self, batch)
+        out.prediction = out.prediction.as_subclass(Tracked)
+        return out
+
+    monkeypatch.setattr(type(model), "forward", spy)
+    prediction, _ = loop.predict(model, data.splits["test"], data.info, 8, torch.device("cpu"))
+    assert len(arrays) == 5 and alive_at_forward == [0] * 5  # only the latest batch's may live
+    monkeypatch.setattr(type(model), "forward", forward)
+    with torch.no_grad():
+        direct = torch.cat([model(b).prediction for b in loop.to_loader(data.splits["test"], data.info, 8,
+                                                                          shuffle=False)])
+    assert np.allclose(prediction, direct.numpy())
