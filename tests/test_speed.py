@@ -553,6 +553,8 @@ def test_key_padding_is_made_once_per_transformer_and_skips_the_empty_row_fill_w
     assert bias is padding.bias(2, torch.float32) and bias.shape == (4, 1, 3)
     assert torch.equal(bias[:2, 0], torch.tensor([[0.0, 0.0, torch.finfo(torch.float32).min]] * 2))
     assert (bias[2:] == 0).all()
+    double = padding.bias(2, torch.float64)  # one per dtype: the masked value is that dtype's min
+    assert double.dtype == torch.float64 and double[0, 0, 2] == torch.finfo(torch.float64).min
     holed = attention.KeyPadding(torch.tensor([[0, 0, 0], [1, 0, 1]]).bool())
     assert torch.equal(holed.empty_rows, torch.tensor([True, False]))
     assert torch.equal(holed.visible, torch.tensor([[1, 1, 1], [1, 0, 1]]).bool())
@@ -609,3 +611,45 @@ def test_predict_keeps_no_batch_output_alive_while_the_next_batches_run(monkeypa
         direct = torch.cat([model(b).prediction for b in loop.to_loader(data.splits["test"], data.info, 8,
                                                                           shuffle=False)])
     assert np.allclose(prediction, direct.numpy())
+
+
+@pytest.mark.parametrize(("batch", "length", "lengths"), [(1, 1, [1]), (1, 5, [1]), (0, 4, [])])
+def test_lstm_backward_runs_for_one_or_no_recurrence_cell(batch, length, lengths):
+    """A single (step, sample) cell, or none: the gate buffer must be a copy of the bias, not a
+    view of it (expand().contiguous() returned the bias itself, and the in-place writes then
+    broke backward); gradients equal nn.LSTM's."""
+    from msakit.modules.encoders import lstm_last_state, lstm_padded_state
+
+    torch.manual_seed(0)
+    lstm = torch.nn.LSTM(3, 2, batch_first=True).double()
+    x = torch.randn(batch, length, 3, dtype=torch.float64, requires_grad=True)
+    mask = torch.arange(length)[None, :] < torch.tensor(lengths, dtype=torch.long)[:, None]
+    for state, reference in (
+        (lambda: lstm_padded_state(lstm, x, mask), lambda: lstm(x * mask[..., None])[1][0][0]),
+        (lambda: lstm_last_state(lstm, x, torch.tensor(lengths, dtype=torch.long)),
+         lambda: lstm(x[:, :1])[1][0][0] if batch else x.new_zeros(0, 2)),
+    ):
+        ours, expected = state(), reference()
+        assert torch.allclose(ours, expected, atol=1e-12)
+        params = [x, *lstm.parameters()]
+        got = torch.autograd.grad(ours.square().sum() + 0 * x.sum(), params, allow_unused=True)
+        want = torch.autograd.grad(expected.square().sum() + 0 * x.sum(), params, allow_unused=True)
+        for g, e in zip(got, want, strict=True):
+            assert (g is None and e is None) or torch.allclose(g, e, atol=1e-12)
+
+
+def test_predict_returns_rows_in_the_splits_order_whatever_the_batch_order(monkeypatch):
+    import dataclasses
+
+    from fakes import make_data
+
+    from msakit.registry import create_model, get_model_entry
+    from msakit.train import loop
+
+    data = make_data(sizes=(8, 8, 40))
+    model = create_model("lf_dnn", dataclasses.replace(get_model_entry("lf_dnn").config_cls.tiny()), data.info)
+    in_order, _ = loop.predict(model, data.splits["test"], data.info, 8, torch.device("cpu"))
+    to_loader = loop.to_loader
+    monkeypatch.setattr(loop, "to_loader", lambda *a, shuffle, **k: to_loader(*a, shuffle=True, seed=3, **k))
+    shuffled, _ = loop.predict(model, data.splits["test"], data.info, 8, torch.device("cpu"))
+    assert np.allclose(shuffled, in_order)

@@ -168,7 +168,9 @@ class RealRows:
     12 alternating rounds: 38.4 vs 40.7 ms median; 16 MulT training steps 6.21 vs 6.58 s. The
     attention itself still runs over the padded [B, L_q, L_k] scores; grouping samples by length
     into separately padded calls (40% fewer score entries at these sizes) was measured slower
-    (37.7 vs 36.8 ms): the per-call cost outweighed it.
+    (37.7 vs 36.8 ms): the per-call cost outweighed it. Residual and ReLU dropout masks are drawn
+    over the packed rows (same distribution; a seeded run draws other numbers than before
+    4191e0d, when they were drawn over [B, L, D]); embedding and attention dropout are unchanged.
     """
 
     def __init__(self, mask: torch.Tensor):

@@ -167,7 +167,9 @@ class _Recurrence(torch.autograd.Function):
         four_h = bias.shape[0]
         h = four_h // 4
         # sigmoid of i, f, o; the g slot keeps its pre-activation
-        acts = bias.expand(steps * batch, four_h).contiguous().index_add_(0, index, projected)
+        # repeat, not expand().contiguous(): with T * B <= 1 the latter is a view of `bias`, and
+        # the in-place writes below would modify the input
+        acts = bias.repeat(steps * batch, 1).index_add_(0, index, projected)
         acts = acts.view(steps, batch, four_h)
         g_act = acts.new_empty(steps, batch, h)  # tanh of g, contiguous
         cells = acts.new_zeros(steps + 1, batch, h)  # cells[t + 1] = c_t
