@@ -118,9 +118,10 @@ class _Attention(torch.autograd.Function):
             grad_scores = grad_weights.mul_(dropped).addcmul_(weights, delta, value=-1.0)
         else:
             if keep is not None:
-                grad_weights.mul_(keep.to(weights.dtype))
+                keep = keep.to(weights.dtype)  # converted once, for both products
+                grad_weights.mul_(keep)
             grad_scores = grad_weights.sub_(delta).mul_(weights)
-            dropped = weights if keep is None else weights.mul_(keep.to(weights.dtype))
+            dropped = weights if keep is None else weights.mul_(keep)
         grad_v = _narrow_matmul(dropped.transpose(1, 2), grad_out_scaled)
         alpha = q_scaled.shape[-1] ** -0.5
         grad_q = _narrow_matmul(grad_scores, k).mul_(alpha)
