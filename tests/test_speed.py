@@ -571,17 +571,23 @@ def test_key_padding_is_made_once_per_transformer_and_skips_the_empty_row_fill_w
     assert made == [1]
 
 
+def _tiny_lf_dnn():
+    """A tiny LF-DNN and fake data whose test split (40 samples) makes 5 batches of 8."""
+    from fakes import make_data
+
+    from msakit.registry import create_model, get_model_entry
+
+    data = make_data(sizes=(8, 8, 40))
+    return create_model("lf_dnn", get_model_entry("lf_dnn").config_cls.tiny(), data.info), data
+
+
 def test_predict_keeps_no_batch_output_alive_while_the_next_batches_run(monkeypatch):
     """predict() writes each batch's predictions into one array and drops the batch's arrays:
     a list of per-batch arrays kept small objects alive between the large tensors of the next
     batches, and with `keep_freed_memory` the heap grew by about a batch each time (TFN on the
     MOSI-sized test split: up to +170 MiB of peak RSS). Predictions come back in row order."""
-    import dataclasses
     import weakref
 
-    from fakes import make_data
-
-    from msakit.registry import create_model, get_model_entry
     from msakit.train import loop
 
     arrays = []
@@ -592,8 +598,7 @@ def test_predict_keeps_no_batch_output_alive_while_the_next_batches_run(monkeypa
             arrays.append(weakref.ref(array))
             return array
 
-    data = make_data(sizes=(8, 8, 40))
-    model = create_model("lf_dnn", dataclasses.replace(get_model_entry("lf_dnn").config_cls.tiny()), data.info)
+    model, data = _tiny_lf_dnn()
     alive_at_forward = []
     forward = type(model).forward
 
@@ -639,15 +644,9 @@ def test_lstm_backward_runs_for_one_or_no_recurrence_cell(batch, length, lengths
 
 
 def test_predict_returns_rows_in_the_splits_order_whatever_the_batch_order(monkeypatch):
-    import dataclasses
-
-    from fakes import make_data
-
-    from msakit.registry import create_model, get_model_entry
     from msakit.train import loop
 
-    data = make_data(sizes=(8, 8, 40))
-    model = create_model("lf_dnn", dataclasses.replace(get_model_entry("lf_dnn").config_cls.tiny()), data.info)
+    model, data = _tiny_lf_dnn()
     in_order, _ = loop.predict(model, data.splits["test"], data.info, 8, torch.device("cpu"))
     to_loader = loop.to_loader
     monkeypatch.setattr(loop, "to_loader", lambda *a, shuffle, **k: to_loader(*a, shuffle=True, seed=3, **k))

@@ -132,12 +132,10 @@ def _recurrence(lstm: nn.LSTM, projected: torch.Tensor, index: torch.Tensor, ste
     hidden states [T, B, H] (gate order i, f, g, o), c_0 = h_0 = 0."""
     if steps == 0:
         return projected.new_zeros(0, batch, lstm.hidden_size)
-    bias = lstm.bias_ih_l0 + lstm.bias_hh_l0
     # in the parameters' dtype: under CUDA autocast the product comes back in half precision;
     # _Recurrence's out= products are not autocast
-    dtype = lstm.weight_hh_l0.dtype
-    return _Recurrence.apply(projected.to(dtype), index, bias.to(dtype), lstm.weight_hh_l0.to(dtype),
-                             steps, batch)
+    return _Recurrence.apply(projected.to(lstm.weight_hh_l0.dtype), index, lstm.bias_ih_l0 + lstm.bias_hh_l0,
+                             lstm.weight_hh_l0, steps, batch)
 
 
 class _Recurrence(torch.autograd.Function):

@@ -111,32 +111,36 @@ def predict(
     shard = distributed.current().shard  # under DDP: this process's shards, gathered below
     loader = to_loader(arrays, info, batch_size, shuffle=False, whole_videos=whole_videos, shard=shard)
     prediction = None
+
+    def place(values: np.ndarray, index: np.ndarray) -> None:  # back to the split's row order
+        nonlocal prediction
+        if prediction is None:
+            prediction = np.empty((len(arrays), *values.shape[1:]), values.dtype)
+        prediction[index] = values
+
     for i, batch in enumerate(loader):
         batch = batch.to(device)
         if transform is not None:
             batch = transform(batch, i)
         out = model(batch)
         values, index = out.prediction.float().cpu().numpy(), batch.index.cpu().numpy()
-        if shard is not None:
+        if shard is not None:  # gathered below
             outputs.append(values)
             rows.append(index)
         else:
-            # written into one array as the batches come (back in the split's row order): a list
-            # of per-batch arrays kept small objects alive between the batches' large tensors,
-            # and with `keep_freed_memory` the heap then grew ~10 MB a batch (TFN on MOSI's test
-            # split: up to +170 MiB of peak RSS)
-            if prediction is None:
-                prediction = np.empty((len(arrays), *values.shape[1:]), values.dtype)
-            prediction[index] = values
+            # placed as the batches come: a list of per-batch arrays kept small objects alive
+            # between the batches' large tensors, and with `keep_freed_memory` the heap then grew
+            # ~10-17 MB a batch (TFN on MOSI's test split: up to +170 MiB of peak RSS)
+            place(values, index)
         if out.losses:
             total += float(sum(out.losses.values())) * batch.size
             count += batch.size
     if shard is not None:
         parts = distributed.gather((outputs, rows, total, count))
-        outputs, rows = [o for p in parts for o in p[0]], [r for p in parts for r in p[1]]
+        for part in parts:
+            for values, index in zip(part[0], part[1], strict=True):
+                place(values, index)
         total, count = sum(p[2] for p in parts), sum(p[3] for p in parts)
-        prediction = np.empty_like(np.concatenate(outputs))
-        prediction[np.concatenate(rows)] = np.concatenate(outputs)  # back to the split's row order
     if prediction is None:
         raise TrainingError("no sample to predict")  # an empty split: nothing to evaluate
     return prediction, total / max(count, 1)
