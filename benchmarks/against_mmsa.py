@@ -88,7 +88,9 @@ DIFFERENCES = {
             "each batch's running sum by value (0.6), msakit averages them and clips the global "
             "norm (0.6); MMSA drops the epoch's last incomplete window, msakit steps on it; masked "
             "mean pooling and key-padding masks (see the MulT docstring); dropout masks drawn from "
-            "16-bit uniforms (msakit, modules/dropout.py) instead of bernoulli (MMSA)",
+            "16-bit uniforms (msakit, modules/dropout.py) instead of bernoulli (MMSA), from one generator "
+            "per batch: msakit runs a window's batches two at once (train.window_threads 2, "
+            "each thread with 1 intra-op thread; MMSA one by one with 2)",
 }
 
 

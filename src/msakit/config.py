@@ -105,6 +105,10 @@ class TrainConfig(Validated, section="train"):
     "16" adds a gradient scaler). bf16 also runs on CPU; see msakit/train/precision.py."""
     grad_accumulation: int = 1
     """Sum the gradients of this many batches before each optimiser step."""
+    window_threads: int = 1
+    """CPU: run this many batches of a gradient-accumulation window at once, each in its own
+    thread (models declaring `concurrent_batches`, e.g. MulT; msakit/train/window.py). Dropout
+    masks come from per-batch generators then: reproducible, but not a 1-thread run's numbers."""
     compile: bool = False
     """Run the training forward through torch.compile (a C++ compiler on CPU; GPUs benefit most)."""
 
@@ -127,6 +131,8 @@ class TrainConfig(Validated, section="train"):
             raise ConfigError(f"train.precision must be 32, bf16 or 16, got {self.precision!r}")
         if self.grad_accumulation < 1:
             raise ConfigError("train.grad_accumulation must be >= 1")
+        if self.window_threads < 1:
+            raise ConfigError(f"train.window_threads must be >= 1, got {self.window_threads}")
         if self.mlflow and "://" not in self.mlflow:
             raise ConfigError(f"train.mlflow must be an MLflow tracking URI such as sqlite:///runs/mlflow.db "
                               f"or http://host:5000, got {short_repr(self.mlflow)}")

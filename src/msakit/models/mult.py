@@ -109,6 +109,10 @@ class MulTConfig(ModelConfig):
 class MulT(nn.Module):
     """MulT: six directional cross-modal transformers, self-attention per target, residual head."""
 
+    #: forward writes no module state and draws only through dropout.keep_mask (WideDropout and
+    #: the attention's mask): a window's batches may run at once (train.window_threads)
+    concurrent_batches = True
+
     def __init__(self, cfg: MulTConfig, info: DatasetInfo):
         super().__init__()
         self.cfg, self.info = cfg, info

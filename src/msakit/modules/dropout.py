@@ -10,12 +10,27 @@ the scale uses the rounded p, so the layer stays unbiased); the random stream is
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 import torch
 from torch import nn
 
 _LEVELS = 1 << 16
+_GENERATOR: contextvars.ContextVar[torch.Generator | None] = contextvars.ContextVar("generator", default=None)
+
+
+@contextlib.contextmanager
+def batch_generator(generator: torch.Generator):
+    """`keep_mask` draws from `generator` inside this block, on this thread only (threads of
+    `train.window_threads` each run a batch with its own generator; msakit/train/window.py)."""
+    token = _GENERATOR.set(generator)
+    try:
+        yield generator
+    finally:
+        _GENERATOR.reset(token)
+
 
 
 def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device | str | None = None
@@ -24,14 +39,15 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.devic
     the scale 1 / (1 - p')), p' = min(round(p * 2^16), 2^16 - 1) / 2^16. p in [0, 1); raises
     ValueError outside.
 
-    Drawn from the default generator (seeded by `torch.manual_seed`), one int64 per four entries.
+    Drawn from the default generator (seeded by `torch.manual_seed`), or from the one a
+    `batch_generator` block set on this thread; one int64 per four entries.
     """
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout p must be in [0, 1), got {p}")
     # entries whose 16-bit value is below the threshold are dropped; at least one level is kept
     dropped = min(round(p * _LEVELS), _LEVELS - 1)
     numel = math.prod(shape)
-    words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)
+    words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None, generator=_GENERATOR.get())
     uniform16 = words.view(torch.int16)[:numel].view(shape)  # uniform on [-2^15, 2^15)
     # compared into bytes and viewed as bool: a bool-typed comparison ran ~3.5x slower on CPU
     keep = torch.empty(shape, dtype=torch.uint8, device=device)

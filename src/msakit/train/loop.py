@@ -55,6 +55,7 @@ from msakit.train.checkpoint import (
 )
 from msakit.train.precision import Precision
 from msakit.train.runfolder import check_checkpoint, data_fingerprint
+from msakit.train.window import ConcurrentWindows
 
 log = logging.getLogger(__name__)
 
@@ -260,16 +261,30 @@ def default_training_step(
     with no_sync() if no_sync is not None and not last else contextlib.nullcontext():
         with amp.autocast():
             out = (forward if forward is not None else model)(batch)
-        if not out.losses:
-            raise TrainingError("the model returned no loss terms")
-        out.losses = {k: v.float() for k, v in out.losses.items()}
-        _check_finite(out.losses, *where)
+        out = checked_losses(out, where)
         if position == 0:
             for optimizer in optimizers.values():
                 optimizer.zero_grad(set_to_none=True)
         amp.backward(sum(out.losses.values()) / size)
-    if not last:
-        return out
+    if last:
+        finish_window(model, batch, optimizers, train_cfg, amp)
+    return out
+
+
+def checked_losses(out: ModelOutput, where: tuple[int, int]) -> ModelOutput:
+    """`out` with its loss terms as float32; raises TrainingError when there are none or their
+    sum is not finite (`where` = (epoch, step) for the message)."""
+    if not out.losses:
+        raise TrainingError("the model returned no loss terms")
+    out.losses = {k: v.float() for k, v in out.losses.items()}
+    _check_finite(out.losses, *where)
+    return out
+
+
+def finish_window(model: nn.Module, batch: Batch, optimizers: dict[str, torch.optim.Optimizer],
+                  train_cfg, amp: Precision) -> None:
+    """After the last backward of an accumulation window (`batch`: its last batch): unscale ->
+    the model's gradient hook -> clip -> step every optimiser (with the model's lr scales)."""
     amp.unscale(optimizers)
     if hasattr(model, "on_after_backward"):
         model.on_after_backward(batch)
@@ -279,7 +294,6 @@ def default_training_step(
     for optimizer in optimizers.values():
         scaled_step(optimizer, scales, amp.step_optimizer)
     amp.update()
-    return out
 
 
 def _accumulation_windows(batches: int, size: int):
@@ -338,6 +352,11 @@ def fit(
     amp = Precision(train_cfg.precision, device)
     forward = distributed.wrap(model, device) if ctx.active else model
     forward = torch.compile(forward) if train_cfg.compile else forward
+    try:
+        concurrent = ConcurrentWindows.create(model, cfg.model_name, train_cfg, device, ctx.active,
+                                              amp.autocast, checked_losses)
+    except ValueError as e:
+        raise TrainingError(str(e)) from e
 
     start_epoch, best_value, best_epoch, bad_epochs, history = 0, None, -1, 0, []
     best_state = _state_copy(model)
@@ -384,18 +403,28 @@ def fit(
             if corruption is not None:
                 batch = corruption(batch, epoch * 1_000_003 + steps)
             where = (epoch + 1, steps + 1)
-            if step is not None:
+            if concurrent is not None:  # the window's outputs on its last batch, [] before
+                try:
+                    outs = concurrent.add(batch, where, window, optimizers)
+                except ValueError as e:
+                    raise TrainingError(str(e)) from e
+                if outs:
+                    finish_window(model, batch, optimizers, train_cfg, amp)
+            elif step is not None:
                 with amp.autocast():
                     out = step(batch, optimizers, train_cfg)
                 out.losses = {k: v.float() for k, v in out.losses.items()}
                 _check_finite(out.losses, *where)
+                outs = [out]
             else:
-                out = default_training_step(model, batch, optimizers, train_cfg, where, amp,
-                                            window, forward)
+                outs = [default_training_step(model, batch, optimizers, train_cfg, where, amp,
+                                              window, forward)]
             steps += 1
-            for name, value in out.losses.items():
-                terms[name] = terms.get(name, 0.0) + float(value.detach())
-            bar.set_postfix(loss=f"{sum(float(v.detach()) for v in out.losses.values()):.4f}")
+            for out in outs:
+                for name, value in out.losses.items():
+                    terms[name] = terms.get(name, 0.0) + float(value.detach())
+            if outs:
+                bar.set_postfix(loss=f"{sum(float(v.detach()) for v in outs[-1].losses.values()):.4f}")
         train_seconds = time.perf_counter() - started
 
         valid_metrics, _ = evaluate(model, data.splits["valid"], info, cfg.data.batch_size, device,
@@ -447,6 +476,8 @@ def fit(
             on_epoch(epoch + 1, value)
 
     trackers.close()
+    if concurrent is not None:
+        concurrent.close()
     if best_epoch < 1:  # never defined: best_state would be the INITIAL weights
         raise TrainingError(
             f"seed {seed}: validation {metric} was undefined (NaN) at every epoch, so no checkpoint "

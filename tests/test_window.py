@@ -1,0 +1,162 @@
+"""train.window_threads: a gradient-accumulation window's batches run at once (msakit/train/window.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from fakes import DIMS, make_data
+from torch import nn
+
+from msakit.batch import ModelOutput
+from msakit.cli import main
+from msakit.config import ConfigError, build_config
+from msakit.data import to_loader
+from msakit.modules import dropout
+from msakit.registry import create_model, get_model_entry
+from msakit.train import loop
+from msakit.train.experiment import run_experiment
+from msakit.train.loop import TrainingError, checked_losses
+from msakit.train.precision import Precision
+from msakit.train.window import ConcurrentWindows
+
+
+def tiny_config(model: str, *sets: str):
+    tiny = dataclasses.asdict(get_model_entry(model).config_cls.tiny())
+    return build_config({"model": {"name": model, **tiny}}, ["train.progress=false", "data.batch_size=8", *sets])
+
+
+def mult_and_batches(dropouts: float = 0.3):
+    data = make_data()
+    cfg = tiny_config("mult", f"model.attn_dropout={dropouts}", f"model.embed_dropout={dropouts}",
+                      f"model.output_dropout={dropouts}", f"model.res_dropout={dropouts}")
+    torch.manual_seed(0)
+    model = create_model("mult", cfg.model, data.info)
+    batches = list(to_loader(data.splits["train"], data.info, 8, shuffle=False))[:4]
+    return model, batches
+
+
+def window_gradients(model, batches, threads: int, seed: int = 5) -> list[torch.Tensor]:
+    """The summed gradients of one window of all `batches`, run by ConcurrentWindows."""
+    windows = ConcurrentWindows(model, threads, Precision("32", torch.device("cpu")).autocast, checked_losses)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    torch.manual_seed(seed)
+    outs = []
+    for i, batch in enumerate(batches):
+        outs += windows.add(batch, (1, i + 1), (i, len(batches)), {"main": optimizer})
+        assert len(outs) == (len(batches) if i + 1 == len(batches) else 0)  # nothing before the last
+    windows.close()
+    return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+def test_concurrent_window_equals_the_batches_run_one_by_one_with_their_own_generators():
+    model, batches = mult_and_batches()
+    one, two = window_gradients(model, batches, 1), window_gradients(model, batches, 2)
+    assert all(torch.equal(a, b) for a, b in zip(one, two, strict=True))  # bit-identical
+    # by hand: seeds drawn in batch order, each batch's dropout from its own generator, each loss
+    # divided by the window size, gradients summed in batch order
+    torch.manual_seed(5)
+    seeds = torch.randint(0, 2**62, (len(batches),)).tolist()
+    expected = None
+    for batch, seed in zip(batches, seeds, strict=True):
+        with dropout.batch_generator(torch.Generator().manual_seed(seed)):
+            loss = sum(model(batch).losses.values()) / len(batches)
+        grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+        expected = grads if expected is None else [a + b for a, b in zip(expected, grads, strict=True)]
+    assert all(torch.equal(a, b) for a, b in zip(one, expected, strict=True))
+    # the draws really differ per batch: same seed for every batch gives other gradients
+    other = [g.clone() for g in one]
+    assert any(not torch.equal(a, b) for a, b in zip(window_gradients(model, batches, 2, seed=6), other,
+                                                      strict=True))
+
+
+def test_keep_mask_draws_from_the_block_generator_and_leaves_the_global_one_alone():
+    state = torch.get_rng_state()
+    with dropout.batch_generator(torch.Generator().manual_seed(3)):
+        a, _ = dropout.keep_mask((64, 64), 0.5)
+    assert torch.equal(state, torch.get_rng_state())
+    with dropout.batch_generator(torch.Generator().manual_seed(3)):
+        b, _ = dropout.keep_mask((64, 64), 0.5)
+    assert torch.equal(a, b)
+    c, _ = dropout.keep_mask((64, 64), 0.5)  # outside a block: the global generator again
+    assert not torch.equal(state, torch.get_rng_state()) and not torch.equal(a, c)
+
+
+class _Declared(nn.Module):
+    """Claims concurrent_batches but breaks the contract the way `kind` says."""
+
+    concurrent_batches = True
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.linear = nn.Linear(DIMS["text"], 1)
+        self.norm = nn.BatchNorm1d(DIMS["text"])
+
+    def forward(self, batch):
+        x = batch.features("text").mean(1)
+        if self.kind == "global_dropout":
+            x = nn.functional.dropout(x, 0.5, training=True)
+        elif self.kind == "buffer":
+            x = self.norm(x)
+        loss = self.linear(x).square().mean()
+        return ModelOutput(loss.detach(), {"loss": loss})
+
+
+@pytest.mark.parametrize("kind", ["global_dropout", "buffer"])
+def test_a_model_breaking_the_concurrent_contract_is_caught(kind):
+    data = make_data(sizes=(16, 4, 4))
+    model = _Declared(kind)
+    batches = list(to_loader(data.splits["train"], data.info, 8, shuffle=False))
+    with pytest.raises(ValueError, match="global random generator or wrote a buffer"):
+        window_gradients(model, batches, 2)
+    model.kind = "clean"
+    window_gradients(model, batches, 2)  # the same model without the breach passes
+
+
+def test_window_threads_is_validated_and_refused_where_it_cannot_run(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="train.window_threads must be >= 1"):
+        build_config({}, ["train.window_threads=0"])
+    data = make_data()
+    refusals = [
+        ("lf_dnn", [], "does not declare concurrent_batches"),
+        ("mult", ["train.precision=16"], "precision 16"),
+        ("mult", ["train.compile=true"], "train.compile"),
+    ]
+    for i, (model, sets, message) in enumerate(refusals):
+        cfg = tiny_config(model, "train.epochs=1", "train.window_threads=2", *sets)
+        with pytest.raises(TrainingError, match=message):
+            run_experiment(cfg, tmp_path / str(i), data=data)
+    code = main(["train", "--model", "lf_dnn", "--dataset", "synthetic", "--out", str(tmp_path / "cli"),
+                 "--set", "train.epochs=1", "train.window_threads=2", "train.progress=false"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "train.window_threads=2" in err[0] and "lf_dnn" in err[0]
+    cpu = torch.device("cpu")
+    model = create_model("mult", tiny_config("mult").model, data.info)
+    train = tiny_config("mult", "train.window_threads=2").train
+    assert ConcurrentWindows.create(model, "mult", train, torch.device("meta"), False, None, None) is None
+    assert ConcurrentWindows.create(model, "mult", train, cpu, True, None, None) is None  # torchrun
+    assert isinstance(ConcurrentWindows.create(model, "mult", train, cpu, False, None, None), ConcurrentWindows)
+
+
+def test_training_with_window_threads_is_reproducible_and_steps_once_per_window(tmp_path, monkeypatch):
+    data = make_data()
+    sets = ("train.epochs=2", "train.grad_accumulation=3", "train.window_threads=2", "train.patience=100")
+    steps = {"n": 0}
+    real_finish = loop.finish_window
+
+    def counting_finish(*args, **kwargs):
+        steps["n"] += 1
+        return real_finish(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "finish_window", counting_finish)
+    a = run_experiment(tiny_config("mult", *sets), tmp_path / "a", data=data)
+    assert steps["n"] == 2 * 2  # 6 batches of 8 a epoch: two windows of 3
+    b = run_experiment(tiny_config("mult", *sets), tmp_path / "b", data=data)
+    assert a["per_seed"][0]["test"] == b["per_seed"][0]["test"]
+    log = [json.loads(line) for line in (tmp_path / "a" / "seed_1" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 2 and all(r["train_loss"] > 0 for r in log)  # the windows' losses were logged
+    one = run_experiment(tiny_config("mult", *sets[:-2], "train.patience=100"), tmp_path / "c", data=data)
+    assert one["per_seed"][0]["test"] != a["per_seed"][0]["test"]  # other dropout draws
