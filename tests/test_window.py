@@ -160,3 +160,30 @@ def test_training_with_window_threads_is_reproducible_and_steps_once_per_window(
     assert len(log) == 2 and all(r["train_loss"] > 0 for r in log)  # the windows' losses were logged
     one = run_experiment(tiny_config("mult", *sets[:-2], "train.patience=100"), tmp_path / "c", data=data)
     assert one["per_seed"][0]["test"] != a["per_seed"][0]["test"]  # other dropout draws
+
+
+class _SharedGradient(nn.Module):
+    """Two parameters whose gradients autograd returns as ONE tensor (the sum's backward passes
+    its gradient to both inputs)."""
+
+    concurrent_batches = True
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Parameter(torch.ones(DIMS["text"])), nn.Parameter(torch.ones(DIMS["text"]))
+
+    def forward(self, batch):
+        loss = ((self.a + self.b) * batch.features("text").mean((0, 1))).sum()
+        return ModelOutput(loss.detach(), {"loss": loss})
+
+
+def test_parameters_sharing_one_gradient_tensor_are_summed_as_sequential_accumulation():
+    data = make_data(sizes=(24, 4, 4))
+    batches = list(to_loader(data.splits["train"], data.info, 8, shuffle=False))
+    model = _SharedGradient()
+    got = window_gradients(model, batches, 2)
+    assert model.a.grad.data_ptr() != model.b.grad.data_ptr()  # each its own buffer
+    model.zero_grad(set_to_none=True)
+    for batch in batches:
+        (model(batch).losses["loss"] / len(batches)).backward()
+    assert torch.allclose(got[0], model.a.grad) and torch.allclose(got[1], model.b.grad)

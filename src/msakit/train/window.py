@@ -101,8 +101,8 @@ class ConcurrentWindows:
         for future in futures:  # in batch order, each as soon as it and those before are done
             out, grads = future.result()
             for p, g in zip(self.params, grads, strict=True):
-                if g is not None:
-                    p.grad = g.contiguous() if p.grad is None else p.grad.add_(g)
+                if g is not None:  # a copy first: autograd may return one tensor for several parameters
+                    p.grad = g.clone(memory_format=torch.contiguous_format) if p.grad is None else p.grad.add_(g)
             outputs.append(out)
         if not torch.equal(rng, torch.get_rng_state()) or versions != [b._version for b in self.model.buffers()]:
             raise ValueError(f"train.window_threads={self.threads}: the model's forward drew from the "
