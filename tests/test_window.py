@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 
+import numpy as np
 import pytest
 import torch
 from fakes import DIMS, make_data
@@ -94,6 +96,7 @@ class _Declared(nn.Module):
         self.kind = kind
         self.linear = nn.Linear(DIMS["text"], 1)
         self.norm = nn.BatchNorm1d(DIMS["text"])
+        self.register_buffer("calls", torch.zeros(()))
 
     def forward(self, batch):
         x = batch.features("text").mean(1)
@@ -101,11 +104,17 @@ class _Declared(nn.Module):
             x = nn.functional.dropout(x, 0.5, training=True)
         elif self.kind == "buffer":
             x = self.norm(x)
+        elif self.kind == "reassigned_buffer":
+            self.calls = self.calls + 1
+        elif self.kind == "numpy":
+            x = x * float(np.random.rand())
+        elif self.kind == "random":
+            x = x * random.random()
         loss = self.linear(x).square().mean()
         return ModelOutput(loss.detach(), {"loss": loss})
 
 
-@pytest.mark.parametrize("kind", ["global_dropout", "buffer"])
+@pytest.mark.parametrize("kind", ["global_dropout", "buffer", "reassigned_buffer", "numpy", "random"])
 def test_a_model_breaking_the_concurrent_contract_is_caught(kind):
     data = make_data(sizes=(16, 4, 4))
     model = _Declared(kind)

@@ -19,17 +19,19 @@ are other numbers than a `window_threads = 1` run's.
 
 Only models that declare `concurrent_batches = True` run this way: their forward changes no module
 state and draws randomness only through `dropout.keep_mask`. That is checked after every window:
-a changed global generator state or a written buffer raises. CPU only (GPU kernels are not
-limited by per-kernel costs on two cores: elsewhere, and under torchrun, the batches run one by
-one), the default training step, precision 32 or bf16 (no gradient scaler), no `train.compile`.
+a changed state of a global generator (torch, numpy, random) or a written or reassigned buffer
+raises. CPU only (GPU kernels are not limited by per-kernel costs on two cores: elsewhere, and
+under torchrun, the batches run one by one), the default training step, precision 32 or bf16 (no gradient scaler), no `train.compile`.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -92,7 +94,7 @@ class ConcurrentWindows:
         batches, self.pending = self.pending, []
         # drawn in batch order on this thread: the same seeds whatever the threads do later
         seeds = torch.randint(0, 2**62, (len(batches),)).tolist()
-        rng, versions = torch.get_rng_state(), [b._version for b in self.model.buffers()]
+        buffers, before = _shared_state(self.model)  # buffers: held until the comparison
         futures = [self.pool.submit(self._gradients, batch, where, size, seed)
                    for (batch, where), seed in zip(batches, seeds, strict=True)]
         for optimizer in optimizers.values():
@@ -104,8 +106,8 @@ class ConcurrentWindows:
                 if g is not None:  # a copy first: autograd may return one tensor for several parameters
                     p.grad = g.clone(memory_format=torch.contiguous_format) if p.grad is None else p.grad.add_(g)
             outputs.append(out)
-        if not torch.equal(rng, torch.get_rng_state()) or versions != [b._version for b in self.model.buffers()]:
-            raise ValueError(f"train.window_threads={self.threads}: the model's forward drew from the "
+        if _shared_state(self.model)[1] != before:
+            raise ValueError(f"train.window_threads={self.threads}: the model's forward drew from a "
                              "global random generator or wrote a buffer, so its batches cannot run at "
                              "once; train it with train.window_threads=1")
         return outputs
@@ -122,3 +124,14 @@ class ConcurrentWindows:
 
     def close(self) -> None:
         self.pool.shutdown()
+
+
+def _shared_state(model: nn.Module) -> tuple[list[torch.Tensor], tuple]:
+    """(the model's buffers, what a concurrent forward must leave as it is: the states of the
+    global generators of torch, numpy and random, and each buffer's identity and version counter,
+    which an in-place write or a reassignment changes). Keep the buffers while comparing: a new
+    tensor cannot take the id of one still held."""
+    _, keys, position, gauss, cached = np.random.get_state()
+    buffers = list(model.buffers())
+    return buffers, (torch.get_rng_state().numpy().tobytes(), random.getstate(),
+                     (keys.tobytes(), position, gauss, cached), [(id(b), b._version) for b in buffers])
