@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import threading
 
 import numpy as np
 import pytest
@@ -196,3 +197,19 @@ def test_parameters_sharing_one_gradient_tensor_are_summed_as_sequential_accumul
     for batch in batches:
         (model(batch).losses["loss"] / len(batches)).backward()
     assert torch.allclose(got[0], model.a.grad) and torch.allclose(got[1], model.b.grad)
+
+
+def test_a_window_leaves_the_intra_op_threads_of_threads_started_later_as_they_were():
+    # torch.set_num_threads in a worker also sets the count every thread started later begins with
+    model, batches = mult_and_batches()
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        window_gradients(model, batches[:2], 2)
+        seen = []
+        later = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        later.start()
+        later.join()
+        assert torch.get_num_threads() == 2 and seen == [2]
+    finally:
+        torch.set_num_threads(before)

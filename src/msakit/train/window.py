@@ -95,17 +95,22 @@ class ConcurrentWindows:
         # drawn in batch order on this thread: the same seeds whatever the threads do later
         seeds = torch.randint(0, 2**62, (len(batches),)).tolist()
         buffers, before = _shared_state(self.model)  # buffers: held until the comparison
+        # a worker's set_num_threads also sets the count that threads started later begin with
+        threads = torch.get_num_threads()
         futures = [self.pool.submit(self._gradients, batch, where, size, seed)
                    for (batch, where), seed in zip(batches, seeds, strict=True)]
-        for optimizer in optimizers.values():
-            optimizer.zero_grad(set_to_none=True)
-        outputs = []
-        for future in futures:  # in batch order, each as soon as it and those before are done
-            out, grads = future.result()
-            for p, g in zip(self.params, grads, strict=True):
-                if g is not None:  # a copy first: autograd may return one tensor for several parameters
-                    p.grad = g.clone(memory_format=torch.contiguous_format) if p.grad is None else p.grad.add_(g)
-            outputs.append(out)
+        try:
+            for optimizer in optimizers.values():
+                optimizer.zero_grad(set_to_none=True)
+            outputs = []
+            for future in futures:  # in batch order, each as soon as it and those before are done
+                out, grads = future.result()
+                for p, g in zip(self.params, grads, strict=True):
+                    if g is not None:  # a copy first: autograd may return one tensor for several parameters
+                        p.grad = g.clone(memory_format=torch.contiguous_format) if p.grad is None else p.grad.add_(g)
+                outputs.append(out)
+        finally:
+            torch.set_num_threads(threads)
         if _shared_state(self.model)[1] != before:
             raise ValueError(f"train.window_threads={self.threads}: the model's forward drew from a "
                              "global random generator or wrote a buffer, so its batches cannot run at "
