@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import random
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -213,3 +215,32 @@ def test_a_window_leaves_the_intra_op_threads_of_threads_started_later_as_they_w
         assert torch.get_num_threads() == 2 and seen == [2]
     finally:
         torch.set_num_threads(before)
+
+
+class _NanFirst(nn.Module):
+    """The first batch's loss is NaN at once; each other batch takes 0.3 s and is recorded."""
+
+    concurrent_batches = True
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(DIMS["text"], 1)
+        self.finished: list[int] = []
+
+    def forward(self, batch):
+        loss = self.linear(batch.features("text").mean(1)).square().mean()
+        first = batch.ids[0] == "v0_0"
+        if not first:
+            time.sleep(0.3)
+            self.finished.append(len(self.finished))
+        return ModelOutput(loss.detach(), {"loss": loss * math.nan if first else loss})
+
+
+def test_an_error_in_a_window_leaves_no_batch_running_behind_it():
+    data = make_data(sizes=(32, 4, 4))
+    model = _NanFirst()
+    with pytest.raises(TrainingError, match="loss became nan at epoch 1, step 1"):
+        window_gradients(model, list(to_loader(data.splits["train"], data.info, 4, shuffle=False)), 2)
+    finished = len(model.finished)
+    time.sleep(1.0)
+    assert len(model.finished) == finished < 7  # the queued batches were dropped, none ran on

@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
 import torch
@@ -109,6 +109,11 @@ class ConcurrentWindows:
                     if g is not None:  # a copy first: autograd may return one tensor for several parameters
                         p.grad = g.clone(memory_format=torch.contiguous_format) if p.grad is None else p.grad.add_(g)
                 outputs.append(out)
+        except BaseException:  # a batch's error (NaN loss, Ctrl-C): the queued batches are dropped
+            for future in futures:  # and the running ones finished before it goes on
+                future.cancel()
+            wait(futures)
+            raise
         finally:
             torch.set_num_threads(threads)
         if _shared_state(self.model)[1] != before:
