@@ -244,3 +244,19 @@ def test_an_error_in_a_window_leaves_no_batch_running_behind_it():
     finished = len(model.finished)
     time.sleep(1.0)
     assert len(model.finished) == finished < 7  # the queued batches were dropped, none ran on
+
+
+def test_parameters_frozen_or_unfrozen_between_windows_are_followed():
+    data = make_data(sizes=(16, 4, 4))
+    batches = list(to_loader(data.splits["train"], data.info, 8, shuffle=False))
+    model = _SharedGradient()
+    model.b.requires_grad_(False)
+    windows = ConcurrentWindows(model, 2, Precision("32", torch.device("cpu")).autocast, checked_losses)
+    optimizers = {"main": torch.optim.SGD(model.parameters(), lr=0.0)}
+    for epoch in (1, 2):
+        for i, batch in enumerate(batches):
+            windows.add(batch, (epoch, i + 1), (i, len(batches)), optimizers)
+        assert (model.a.grad is not None, model.b.grad is not None) == ((True, False) if epoch == 1 else (False, True))
+        model.a.requires_grad_(False)  # as a model's on_epoch_end might, e.g. to unfreeze an encoder
+        model.b.requires_grad_(True)
+    windows.close()

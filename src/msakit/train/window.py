@@ -51,7 +51,6 @@ class ConcurrentWindows:
     def __init__(self, model: nn.Module, threads: int, autocast: Callable, check: Callable):
         self.model, self.threads, self.autocast, self.check = model, threads, autocast, check
         self.intra_threads = max(1, torch.get_num_threads() // threads)
-        self.params = [p for p in model.parameters() if p.requires_grad]
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="msakit-window")
         self.pending: list[tuple[Batch, tuple[int, int]]] = []
 
@@ -97,7 +96,8 @@ class ConcurrentWindows:
         buffers, before = _shared_state(self.model)  # buffers: held until the comparison
         # a worker's set_num_threads also sets the count that threads started later begin with
         threads = torch.get_num_threads()
-        futures = [self.pool.submit(self._gradients, batch, where, size, seed)
+        params = [p for p in self.model.parameters() if p.requires_grad]  # as of now: a model may (un)freeze
+        futures = [self.pool.submit(self._gradients, batch, where, size, seed, params)
                    for (batch, where), seed in zip(batches, seeds, strict=True)]
         try:
             for optimizer in optimizers.values():
@@ -105,7 +105,7 @@ class ConcurrentWindows:
             outputs = []
             for future in futures:  # in batch order, each as soon as it and those before are done
                 out, grads = future.result()
-                for p, g in zip(self.params, grads, strict=True):
+                for p, g in zip(params, grads, strict=True):
                     if g is not None:  # a copy first: autograd may return one tensor for several parameters
                         p.grad = g.clone(memory_format=torch.contiguous_format) if p.grad is None else p.grad.add_(g)
                 outputs.append(out)
@@ -122,14 +122,14 @@ class ConcurrentWindows:
                              "once; train it with train.window_threads=1")
         return outputs
 
-    def _gradients(self, batch: Batch, where: tuple[int, int], size: int, seed: int):
+    def _gradients(self, batch: Batch, where: tuple[int, int], size: int, seed: int, params: list[nn.Parameter]):
         torch.set_num_threads(self.intra_threads)  # this worker thread's intra-op threads
         with dropout.batch_generator(torch.Generator().manual_seed(seed)):
             with self.autocast():
                 out = self.model(batch)
             out = self.check(out, where)
             loss = sum(out.losses.values()) / size
-            grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
         return out, grads
 
     def close(self) -> None:
