@@ -138,19 +138,28 @@ def test_window_threads_is_validated_and_refused_where_it_cannot_run(tmp_path, c
         ("mult", ["train.compile=true"], "train.compile"),
     ]
     for i, (model, sets, message) in enumerate(refusals):
-        cfg = tiny_config(model, "train.epochs=1", "train.window_threads=2", *sets)
+        cfg = tiny_config(model, "train.epochs=1", "train.window_threads=2", "train.grad_accumulation=2", *sets)
         with pytest.raises(TrainingError, match=message):
             run_experiment(cfg, tmp_path / str(i), data=data)
     code = main(["train", "--model", "lf_dnn", "--dataset", "synthetic", "--out", str(tmp_path / "cli"),
-                 "--set", "train.epochs=1", "train.window_threads=2", "train.progress=false"])
+                 "--set", "train.epochs=1", "train.window_threads=2", "train.grad_accumulation=2",
+                 "train.progress=false"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "train.window_threads=2" in err[0] and "lf_dnn" in err[0]
+    assert "train.window_threads=1 runs the batches one by one" in err[0]  # what to do instead
     cpu = torch.device("cpu")
-    model = create_model("mult", tiny_config("mult").model, data.info)
-    train = tiny_config("mult", "train.window_threads=2").train
-    assert ConcurrentWindows.create(model, "mult", train, torch.device("meta"), False, None, None) is None
-    assert ConcurrentWindows.create(model, "mult", train, cpu, True, None, None) is None  # torchrun
-    assert isinstance(ConcurrentWindows.create(model, "mult", train, cpu, False, None, None), ConcurrentWindows)
+    mult, lf_dnn = (create_model(name, tiny_config(name).model, data.info) for name in ("mult", "lf_dnn"))
+    train = tiny_config("mult", "train.window_threads=2", "train.grad_accumulation=2").train
+    assert isinstance(ConcurrentWindows.create(mult, "mult", train, cpu, False, None, None), ConcurrentWindows)
+    # where nothing would run at once (GPU, torchrun, no accumulation) the option is ignored, even
+    # with a model or options it refuses on CPU: the MulT -mmsa configs run there with fp16/compile
+    for sets in ([], ["train.precision=16"], ["train.compile=true"]):
+        train = tiny_config("mult", "train.window_threads=2", "train.grad_accumulation=2", *sets).train
+        for model, name in ((mult, "mult"), (lf_dnn, "lf_dnn")):
+            assert ConcurrentWindows.create(model, name, train, torch.device("meta"), False, None, None) is None
+            assert ConcurrentWindows.create(model, name, train, cpu, True, None, None) is None  # torchrun
+    train = tiny_config("mult", "train.window_threads=2").train  # grad_accumulation 1: a window is one batch
+    assert ConcurrentWindows.create(mult, "mult", train, cpu, False, None, None) is None
 
 
 def test_training_with_window_threads_is_reproducible_and_steps_once_per_window(tmp_path, monkeypatch):

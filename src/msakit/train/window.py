@@ -57,10 +57,17 @@ class ConcurrentWindows:
     @classmethod
     def create(cls, model: nn.Module, model_name: str, train_cfg, device: torch.device,
                distributed: bool, autocast: Callable, check: Callable) -> ConcurrentWindows | None:
-        """None for `train.window_threads = 1` and, with a log line, on a GPU or under torchrun
-        (a config made for CPU runs elsewhere unchanged); raises ValueError naming the reason
-        when the model or the training options cannot run this way."""
+        """None for `train.window_threads = 1` and, with a log line, where nothing would run at
+        once: on a GPU, under torchrun, with `train.grad_accumulation = 1` (a config made for CPU
+        runs elsewhere, or with other options that do not need it, unchanged); raises ValueError
+        naming the reason when the model or the training options cannot run this way."""
         if train_cfg.window_threads == 1:
+            return None
+        if device.type != "cpu" or distributed or train_cfg.grad_accumulation == 1:
+            where = ("with train.grad_accumulation=1" if train_cfg.grad_accumulation == 1
+                     else f"on {device.type}{' under torchrun' if distributed else ''}")
+            log.info("train.window_threads is for one CPU process with train.grad_accumulation > 1; "
+                     "the batches run one by one %s", where)
             return None
         reason = None
         if not getattr(model, "concurrent_batches", False):
@@ -73,11 +80,8 @@ class ConcurrentWindows:
         elif train_cfg.compile:
             reason = "it does not run a compiled forward (train.compile)"
         if reason:
-            raise ValueError(f"train.window_threads={train_cfg.window_threads}: {reason}")
-        if device.type != "cpu" or distributed:
-            log.info("train.window_threads is for one CPU process; the batches run one by one on %s%s",
-                     device.type, " under torchrun" if distributed else "")
-            return None
+            raise ValueError(f"train.window_threads={train_cfg.window_threads}: {reason} "
+                             "(train.window_threads=1 runs the batches one by one)")
         return cls(model, train_cfg.window_threads, autocast, check)
 
     def add(self, batch: Batch, where: tuple[int, int], window: tuple[int, int],
