@@ -108,7 +108,8 @@ class TrainConfig(Validated, section="train"):
     window_threads: int = 1
     """CPU: run this many batches of a gradient-accumulation window at once, each in its own
     thread (models declaring `concurrent_batches`, e.g. MulT; msakit/train/window.py). Dropout
-    masks come from per-batch generators then: reproducible, but not a 1-thread run's numbers."""
+    masks come from per-batch generators then: reproducible, but not a 1-thread run's numbers.
+    Ignored (log line) on a GPU, under torchrun and with grad_accumulation 1."""
     compile: bool = False
     """Run the training forward through torch.compile (a C++ compiler on CPU; GPUs benefit most)."""
 
