@@ -269,3 +269,21 @@ def test_parameters_frozen_or_unfrozen_between_windows_are_followed():
         model.a.requires_grad_(False)  # as a model's on_epoch_end might, e.g. to unfreeze an encoder
         model.b.requires_grad_(True)
     windows.close()
+
+
+def test_a_window_never_runs_more_threads_than_torch_may_use():
+    # train.num_threads=1 (or OMP_NUM_THREADS=1) with a config setting window_threads 2: one worker,
+    # and the same gradients as two workers with one thread each
+    model, batches = mult_and_batches()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = window_gradients(model, batches, 2)
+        torch.set_num_threads(1)
+        workers = set()
+        hook = model.register_forward_pre_hook(lambda module, args: workers.add(threading.get_ident()))
+        one = window_gradients(model, batches, 2)
+        hook.remove()
+    finally:
+        torch.set_num_threads(before)
+    assert len(workers) == 1 and all(torch.equal(a, b) for a, b in zip(one, two, strict=True))

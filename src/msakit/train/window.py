@@ -5,8 +5,8 @@ step: each one's gradient depends only on the parameters, which do not change in
 On a CPU of few cores, small models use the intra-op threads poorly (MulT with MMSA's mosi
 config, batch 16, 16 training batches in-process: 1 intra-op thread 8.0 s, 2 threads 6.1 s, 2
 batches at once with 1 thread each 4.6-5.2 s). `ConcurrentWindows` runs a window's batches in
-`window_threads` worker threads, each with get_num_threads() // window_threads intra-op threads
-(autograd runs a CPU graph's backward on the thread that asks for it), and sums the gradients into
+`window_threads` worker threads (at most get_num_threads()), each with get_num_threads() //
+workers intra-op threads (autograd runs a CPU graph's backward on the thread that asks for it), and sums the gradients into
 `.grad` in batch order afterwards, as sequential accumulation would: the arithmetic of that sum
 is the same, whatever order the threads finish in.
 
@@ -50,8 +50,12 @@ class ConcurrentWindows:
 
     def __init__(self, model: nn.Module, threads: int, autocast: Callable, check: Callable):
         self.model, self.threads, self.autocast, self.check = model, threads, autocast, check
-        self.intra_threads = max(1, torch.get_num_threads() // threads)
-        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="msakit-window")
+        # never more busy threads than torch may use (train.num_threads, OMP_NUM_THREADS): fewer
+        # workers change no number, the batches' generators and the order of the sum stay
+        budget = torch.get_num_threads()
+        self.workers = min(threads, budget)
+        self.intra_threads = max(1, budget // self.workers)
+        self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="msakit-window")
         self.pending: list[tuple[Batch, tuple[int, int]]] = []
 
     @classmethod
