@@ -113,16 +113,20 @@ class _Declared(nn.Module):
             x = x * float(np.random.rand())
         elif self.kind == "random":
             x = x * random.random()
+        elif self.kind == "parameter":
+            with torch.no_grad():
+                self.linear.weight.clamp_(-1.0, 1.0)
         loss = self.linear(x).square().mean()
         return ModelOutput(loss.detach(), {"loss": loss})
 
 
-@pytest.mark.parametrize("kind", ["global_dropout", "buffer", "reassigned_buffer", "numpy", "random"])
+@pytest.mark.parametrize("kind", ["global_dropout", "buffer", "reassigned_buffer", "numpy", "random",
+                                  "parameter"])
 def test_a_model_breaking_the_concurrent_contract_is_caught(kind):
     data = make_data(sizes=(16, 4, 4))
     model = _Declared(kind)
     batches = list(to_loader(data.splits["train"], data.info, 8, shuffle=False))
-    with pytest.raises(ValueError, match="global random generator or wrote a buffer"):
+    with pytest.raises(ValueError, match="global random generator or wrote a buffer or parameter"):
         window_gradients(model, batches, 2)
     model.kind = "clean"
     window_gradients(model, batches, 2)  # the same model without the breach passes

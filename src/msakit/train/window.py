@@ -6,9 +6,9 @@ On a CPU of few cores, small models use the intra-op threads poorly (MulT with M
 config, batch 16, 16 training batches in-process: 1 intra-op thread 8.0 s, 2 threads 6.1 s, 2
 batches at once with 1 thread each 4.6-5.2 s). `ConcurrentWindows` runs a window's batches in
 `window_threads` worker threads (at most get_num_threads()), each with get_num_threads() //
-workers intra-op threads (autograd runs a CPU graph's backward on the thread that asks for it), and sums the gradients into
-`.grad` in batch order afterwards, as sequential accumulation would: the arithmetic of that sum
-is the same, whatever order the threads finish in.
+workers intra-op threads (autograd runs a CPU graph's backward on the thread that asks for it),
+and sums the gradients into `.grad` in batch order afterwards, as sequential accumulation would:
+the arithmetic of that sum is the same, whatever order the threads finish in.
 
 Randomness: threads drawing from the one global generator would race for it. Each batch gets its
 own generator, seeded from the global generator in batch order before the threads start, and
@@ -20,8 +20,9 @@ are other numbers than a `window_threads = 1` run's.
 Only models that declare `concurrent_batches = True` run this way: their forward changes no module
 state and draws randomness only through `dropout.keep_mask`. That is checked after every window:
 a changed state of a global generator (torch, numpy, random) or a written or reassigned buffer
-raises. CPU only (GPU kernels are not limited by per-kernel costs on two cores: elsewhere, and
-under torchrun, the batches run one by one), the default training step, precision 32 or bf16 (no gradient scaler), no `train.compile`.
+or parameter raises. CPU only (GPU kernels are not limited by per-kernel costs on two cores:
+elsewhere, and under torchrun, the batches run one by one), the default training step, precision
+32 or bf16 (no gradient scaler), no `train.compile`.
 """
 
 from __future__ import annotations
@@ -101,10 +102,10 @@ class ConcurrentWindows:
         batches, self.pending = self.pending, []
         # drawn in batch order on this thread: the same seeds whatever the threads do later
         seeds = torch.randint(0, 2**62, (len(batches),)).tolist()
-        buffers, before = _shared_state(self.model)  # buffers: held until the comparison
+        tensors, before = _shared_state(self.model)  # tensors: held until the comparison
         # a worker's set_num_threads also sets the count that threads started later begin with
         threads = torch.get_num_threads()
-        params = [p for p in self.model.parameters() if p.requires_grad]  # as of now: a model may (un)freeze
+        params = [p for p in self.model.parameters() if p.requires_grad]  # now: a model may (un)freeze
         futures = [self.pool.submit(self._gradients, batch, where, size, seed, params)
                    for (batch, where), seed in zip(batches, seeds, strict=True)]
         try:
@@ -114,8 +115,10 @@ class ConcurrentWindows:
             for future in futures:  # in batch order, each as soon as it and those before are done
                 out, grads = future.result()
                 for p, g in zip(params, grads, strict=True):
-                    if g is not None:  # a copy first: autograd may return one tensor for several parameters
-                        p.grad = g.clone(memory_format=torch.contiguous_format) if p.grad is None else p.grad.add_(g)
+                    if g is None:
+                        continue
+                    # a copy first: autograd may return one tensor for several parameters
+                    p.grad = g.clone(memory_format=torch.contiguous_format) if p.grad is None else p.grad.add_(g)
                 outputs.append(out)
         except BaseException:  # a batch's error (NaN loss, Ctrl-C): the queued batches are dropped
             for future in futures:  # and the running ones finished before it goes on
@@ -126,11 +129,12 @@ class ConcurrentWindows:
             torch.set_num_threads(threads)
         if _shared_state(self.model)[1] != before:
             raise ValueError(f"train.window_threads={self.threads}: the model's forward drew from a "
-                             "global random generator or wrote a buffer, so its batches cannot run at "
-                             "once; train it with train.window_threads=1")
+                             "global random generator or wrote a buffer or parameter, so its batches "
+                             "cannot run at once; train it with train.window_threads=1")
         return outputs
 
-    def _gradients(self, batch: Batch, where: tuple[int, int], size: int, seed: int, params: list[nn.Parameter]):
+    def _gradients(self, batch: Batch, where: tuple[int, int], size: int, seed: int,
+                   params: list[nn.Parameter]):
         torch.set_num_threads(self.intra_threads)  # this worker thread's intra-op threads
         with dropout.batch_generator(torch.Generator().manual_seed(seed)):
             with self.autocast():
@@ -145,11 +149,11 @@ class ConcurrentWindows:
 
 
 def _shared_state(model: nn.Module) -> tuple[list[torch.Tensor], tuple]:
-    """(the model's buffers, what a concurrent forward must leave as it is: the states of the
-    global generators of torch, numpy and random, and each buffer's identity and version counter,
-    which an in-place write or a reassignment changes). Keep the buffers while comparing: a new
-    tensor cannot take the id of one still held."""
+    """(the model's buffers and parameters, what a concurrent forward must leave as it is: the
+    states of the global generators of torch, numpy and random, and each of those tensors'
+    identity and version counter, which an in-place write or a reassignment changes). Keep the
+    tensors while comparing: a new tensor cannot take the id of one still held."""
     _, keys, position, gauss, cached = np.random.get_state()
-    buffers = list(model.buffers())
-    return buffers, (torch.get_rng_state().numpy().tobytes(), random.getstate(),
-                     (keys.tobytes(), position, gauss, cached), [(id(b), b._version) for b in buffers])
+    tensors = [*model.buffers(), *model.parameters()]
+    return tensors, (torch.get_rng_state().numpy().tobytes(), random.getstate(),
+                     (keys.tobytes(), position, gauss, cached), [(id(t), t._version) for t in tensors])
