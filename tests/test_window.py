@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from fakes import DIMS, make_data
+from fakes import DIMS, make_data, run_interrupted
 from torch import nn
 
 from msakit.batch import ModelOutput
@@ -291,3 +291,12 @@ def test_a_window_never_runs_more_threads_than_torch_may_use():
     finally:
         torch.set_num_threads(before)
     assert len(workers) == 1 and all(torch.equal(a, b) for a, b in zip(one, two, strict=True))
+
+
+def test_resume_with_window_threads_matches_the_uninterrupted_run(tmp_path, monkeypatch):
+    data = make_data()  # 6 batches an epoch: windows of 4 and 2 (the epoch's last one shorter)
+    sets = ("train.epochs=3", "train.grad_accumulation=4", "train.window_threads=2", "train.patience=100")
+    whole = run_experiment(tiny_config("mult", *sets), tmp_path / "whole", data=data)
+    run_interrupted(tiny_config("mult", *sets), tmp_path / "cut", data, monkeypatch, saves=1)
+    resumed = run_experiment(tiny_config("mult", *sets), tmp_path / "cut", resume=True, data=data)
+    assert resumed["per_seed"][0]["test"] == whole["per_seed"][0]["test"]
