@@ -25,7 +25,7 @@ from msakit.train import loop
 from msakit.train.experiment import run_experiment
 from msakit.train.loop import TrainingError, checked_losses
 from msakit.train.precision import Precision
-from msakit.train.window import ConcurrentWindows
+from msakit.train.window import ConcurrentWindows, WindowError
 
 
 def tiny_config(model: str, *sets: str):
@@ -116,6 +116,8 @@ class _Declared(nn.Module):
         elif self.kind == "parameter":
             with torch.no_grad():
                 self.linear.weight.clamp_(-1.0, 1.0)
+        elif self.kind == "bug":
+            raise ValueError("a bug in the model")
         loss = self.linear(x).square().mean()
         return ModelOutput(loss.detach(), {"loss": loss})
 
@@ -126,10 +128,18 @@ def test_a_model_breaking_the_concurrent_contract_is_caught(kind):
     data = make_data(sizes=(16, 4, 4))
     model = _Declared(kind)
     batches = list(to_loader(data.splits["train"], data.info, 8, shuffle=False))
-    with pytest.raises(ValueError, match="global random generator or wrote a buffer or parameter"):
+    with pytest.raises(WindowError, match="global random generator or wrote a buffer or parameter"):
         window_gradients(model, batches, 2)
     model.kind = "clean"
     window_gradients(model, batches, 2)  # the same model without the breach passes
+
+
+def test_a_models_own_error_in_a_worker_reaches_the_caller_as_it_is():
+    data = make_data(sizes=(16, 4, 4))
+    batches = list(to_loader(data.splits["train"], data.info, 8, shuffle=False))
+    with pytest.raises(ValueError, match="a bug in the model") as raised:
+        window_gradients(_Declared("bug"), batches, 2)
+    assert not isinstance(raised.value, WindowError)  # the loop reports only WindowError in one line
 
 
 def test_window_threads_is_validated_and_refused_where_it_cannot_run(tmp_path, capsys):
@@ -300,3 +310,16 @@ def test_resume_with_window_threads_matches_the_uninterrupted_run(tmp_path, monk
     run_interrupted(tiny_config("mult", *sets), tmp_path / "cut", data, monkeypatch, saves=1)
     resumed = run_experiment(tiny_config("mult", *sets), tmp_path / "cut", resume=True, data=data)
     assert resumed["per_seed"][0]["test"] == whole["per_seed"][0]["test"]
+
+
+def test_fit_reports_window_refusals_in_one_line_but_lets_a_model_bug_through(tmp_path, monkeypatch):
+    from msakit.models.mult import MulT
+
+    def broken(self, batch):
+        raise ValueError("a bug in the model")
+
+    monkeypatch.setattr(MulT, "forward", broken)
+    cfg = tiny_config("mult", "train.epochs=1", "train.grad_accumulation=2", "train.window_threads=2")
+    with pytest.raises(ValueError, match="a bug in the model") as raised:
+        run_experiment(cfg, tmp_path / "run", data=make_data())
+    assert not isinstance(raised.value, TrainingError)

@@ -55,7 +55,7 @@ from msakit.train.checkpoint import (
 )
 from msakit.train.precision import Precision
 from msakit.train.runfolder import check_checkpoint, data_fingerprint
-from msakit.train.window import ConcurrentWindows
+from msakit.train.window import ConcurrentWindows, WindowError
 
 log = logging.getLogger(__name__)
 
@@ -355,7 +355,7 @@ def fit(
     try:
         concurrent = ConcurrentWindows.create(model, cfg.model_name, train_cfg, device, ctx.active,
                                               amp.autocast, checked_losses)
-    except ValueError as e:
+    except WindowError as e:
         raise TrainingError(str(e)) from e
 
     start_epoch, best_value, best_epoch, bad_epochs, history = 0, None, -1, 0, []
@@ -406,7 +406,7 @@ def fit(
             if concurrent is not None:  # the window's outputs on its last batch, [] before
                 try:
                     outs = concurrent.add(batch, where, window, optimizers)
-                except ValueError as e:
+                except WindowError as e:
                     raise TrainingError(str(e)) from e
                 if outs:
                     finish_window(model, batch, optimizers, train_cfg, amp)

@@ -42,6 +42,11 @@ from msakit.modules import dropout
 log = logging.getLogger(__name__)
 
 
+class WindowError(ValueError):
+    """The run or the model cannot use `train.window_threads` (the loop reports it in one line;
+    anything else a batch raises reaches the caller as it is)."""
+
+
 class ConcurrentWindows:
     """Collects a window's batches and runs them at once when the last one arrives.
 
@@ -65,7 +70,7 @@ class ConcurrentWindows:
         """None for `train.window_threads = 1` and, with a log line, where nothing would run at
         once: on a GPU, under torchrun, with `train.grad_accumulation = 1` (a config made for CPU
         runs elsewhere, or with other options that do not need it, unchanged); raises ValueError
-        naming the reason when the model or the training options cannot run this way."""
+        naming the reason (`WindowError`) when the model or the training options cannot run this way."""
         if train_cfg.window_threads == 1:
             return None
         if device.type != "cpu" or distributed or train_cfg.grad_accumulation == 1:
@@ -85,7 +90,7 @@ class ConcurrentWindows:
         elif train_cfg.compile:
             reason = "it does not run a compiled forward (train.compile)"
         if reason:
-            raise ValueError(f"train.window_threads={train_cfg.window_threads}: {reason} "
+            raise WindowError(f"train.window_threads={train_cfg.window_threads}: {reason} "
                              "(train.window_threads=1 runs the batches one by one)")
         return cls(model, train_cfg.window_threads, autocast, check)
 
@@ -128,7 +133,7 @@ class ConcurrentWindows:
         finally:
             torch.set_num_threads(threads)
         if _shared_state(self.model)[1] != before:
-            raise ValueError(f"train.window_threads={self.threads}: the model's forward drew from a "
+            raise WindowError(f"train.window_threads={self.threads}: the model's forward drew from a "
                              "global random generator or wrote a buffer or parameter, so its batches "
                              "cannot run at once; train it with train.window_threads=1")
         return outputs
