@@ -18,7 +18,9 @@ import torch
 from torch import nn
 
 _LEVELS = 1 << 16
-_GENERATOR: contextvars.ContextVar[torch.Generator | None] = contextvars.ContextVar("generator", default=None)
+#: the generator `keep_mask` draws from on this thread (None: the global one)
+_GENERATOR: contextvars.ContextVar[torch.Generator | None] = contextvars.ContextVar(
+    "generator", default=None)
 
 
 @contextlib.contextmanager
@@ -30,7 +32,6 @@ def batch_generator(generator: torch.Generator):
         yield generator
     finally:
         _GENERATOR.reset(token)
-
 
 
 def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device | str | None = None
@@ -47,7 +48,8 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.devic
     # entries whose 16-bit value is below the threshold are dropped; at least one level is kept
     dropped = min(round(p * _LEVELS), _LEVELS - 1)
     numel = math.prod(shape)
-    words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None, generator=_GENERATOR.get())
+    words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device)
+    words.random_(-(2**63), None, generator=_GENERATOR.get())
     uniform16 = words.view(torch.int16)[:numel].view(shape)  # uniform on [-2^15, 2^15)
     # compared into bytes and viewed as bool: a bool-typed comparison ran ~3.5x slower on CPU
     keep = torch.empty(shape, dtype=torch.uint8, device=device)

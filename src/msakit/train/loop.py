@@ -424,7 +424,8 @@ def fit(
                 for name, value in out.losses.items():
                     terms[name] = terms.get(name, 0.0) + float(value.detach())
             if outs:
-                bar.set_postfix(loss=f"{sum(float(v.detach()) for v in outs[-1].losses.values()):.4f}")
+                last_loss = sum(float(v.detach()) for v in outs[-1].losses.values())
+                bar.set_postfix(loss=f"{last_loss:.4f}")
         train_seconds = time.perf_counter() - started
 
         valid_metrics, _ = evaluate(model, data.splits["valid"], info, cfg.data.batch_size, device,

@@ -51,7 +51,8 @@ class ConcurrentWindows:
     """Collects a window's batches and runs them at once when the last one arrives.
 
     `check(out, (epoch, step))` returns a batch's output with float32 loss terms, or raises
-    (the loop's `checked_losses`; what it raises reaches the caller). Make with `create`; `close()` stops the threads.
+    (the loop's `checked_losses`; what it raises reaches the caller). Make with `create`;
+    `close()` stops the threads.
     """
 
     def __init__(self, model: nn.Module, threads: int, autocast: Callable, check: Callable):
@@ -69,8 +70,8 @@ class ConcurrentWindows:
                distributed: bool, autocast: Callable, check: Callable) -> ConcurrentWindows | None:
         """None for `train.window_threads = 1` and, with a log line, where nothing would run at
         once: on a GPU, under torchrun, with `train.grad_accumulation = 1` (a config made for CPU
-        runs elsewhere, or with other options that do not need it, unchanged); raises ValueError
-        naming the reason (`WindowError`) when the model or the training options cannot run this way."""
+        runs elsewhere, or with other options that do not need it, unchanged); raises WindowError
+        naming the reason when the model or the training options cannot run this way."""
         if train_cfg.window_threads == 1:
             return None
         if device.type != "cpu" or distributed or train_cfg.grad_accumulation == 1:
@@ -122,8 +123,10 @@ class ConcurrentWindows:
                 for p, g in zip(params, grads, strict=True):
                     if g is None:
                         continue
-                    # a copy first: autograd may return one tensor for several parameters
-                    p.grad = g.clone(memory_format=torch.contiguous_format) if p.grad is None else p.grad.add_(g)
+                    if p.grad is None:  # a copy: autograd may return one tensor for several parameters
+                        p.grad = g.clone(memory_format=torch.contiguous_format)
+                    else:
+                        p.grad.add_(g)
                 outputs.append(out)
         except BaseException:  # a batch's error (NaN loss, Ctrl-C): the queued batches are dropped
             for future in futures:  # and the running ones finished before it goes on
