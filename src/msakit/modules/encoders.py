@@ -153,10 +153,10 @@ class _Recurrence(torch.autograd.Function):
     take 8 elementwise passes written into one buffer (16 and a concatenation before: the
     recurrence's forward + backward at LMF's sizes, B = 64, T = 50, H = 128, 2 threads, 8
     alternating rounds: 27.9 vs 31.9 ms median; a whole LMF epoch 1.28 vs 1.32 s, within the
-    noise of 6 rounds; TFN no measurable change). Autograd over the
-    same loop recorded ~30 nodes a step, and building the gates under autograd (bias expanded,
-    index_copy) cost two more full-size copies forward and backward (21 LMF training steps at
-    MMSA's mosi settings, in-process, 6 alternating rounds: 1.17 vs 1.22 s). MMSA's LMF text LSTM
+    noise of 6 rounds; TFN no measurable change). Autograd over the same loop recorded ~30
+    nodes a step, and building the gates under autograd (bias expanded, index_copy) cost two
+    more full-size copies forward and backward (21 LMF training steps at MMSA's mosi settings,
+    in-process, 6 alternating rounds: 1.17 vs 1.22 s). MMSA's LMF text LSTM
     (B = 64, L = 50, 768 -> 128), forward + backward, 2 threads, same process, 6 alternating
     rounds, two runs: 53-66 and 54-72 ms against 60-77 and 69-85 ms with autograd (nn.LSTM over
     the zero-padded input: 63-78 ms). Same arithmetic as nn.LSTM (outputs and gradients equal
@@ -233,7 +233,7 @@ class _Recurrence(torch.autograd.Function):
                 dh = torch.addmm(grad_h[t - 1], d_all[t], w_hh)
         rows = dgates.view(steps * batch, four_h)
         # dW_hh = sum_t dgates_t^T h_{t-1}; h_{-1} = 0
-        grad_w = dgates[1:].reshape(-1, four_h).t() @ hidden[1:steps].reshape(-1, h)
+        grad_w = rows[batch:].t() @ hidden[1:steps].reshape(-1, h)
         return rows.index_select(0, index), None, rows.sum(0), grad_w, None, None
 
 

@@ -60,9 +60,9 @@ class ConcurrentWindows:
         # never more busy threads than torch may use (train.num_threads, OMP_NUM_THREADS): fewer
         # workers change no number, the batches' generators and the order of the sum stay
         budget = torch.get_num_threads()
-        self.workers = min(threads, budget)
-        self.intra_threads = max(1, budget // self.workers)
-        self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="msakit-window")
+        workers = min(threads, budget)
+        self.intra_threads = max(1, budget // workers)
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="msakit-window")
         self.pending: list[tuple[Batch, tuple[int, int]]] = []
 
     @classmethod
