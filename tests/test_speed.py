@@ -152,7 +152,7 @@ def test_adamw_uses_the_fused_kernel_on_cpu():
     assert optimizer.defaults["fused"] is True
 
 
-def test_lstm_last_state_equals_the_packed_lstm_outputs_and_gradients():
+def test_lstm_last_state_equals_the_packed_lstm_outputs_and_gradients(recurrence):
     from torch.nn.utils.rnn import pack_padded_sequence
 
     from msakit.modules.encoders import LSTMEncoder, lstm_last_state
@@ -187,7 +187,7 @@ def test_lstm_last_state_equals_the_packed_lstm_outputs_and_gradients():
     assert torch.equal(encoder(x, mask.double()), encoder(x, mask))  # a 0/1 float mask reads the same
 
 
-def test_lstm_encoder_through_padding_is_mmsas_text_subnet():
+def test_lstm_encoder_through_padding_is_mmsas_text_subnet(recurrence):
     """text_encoder 'lstm_padded': the state after the LAST PADDED step of an nn.LSTM over the
     sequence with its padding frames zeroed (MMSA's TextSubNet), whatever the padding held."""
     from msakit.modules.encoders import LSTMEncoder, lstm_padded_state
@@ -218,7 +218,7 @@ def test_lstm_encoder_through_padding_is_mmsas_text_subnet():
     assert gap[0] < 1e-12 and bool((gap[1:] > 1e-6).all())
 
 
-def test_lstm_padded_state_edge_cases_and_shape_errors():
+def test_lstm_padded_state_edge_cases_and_shape_errors(recurrence):
     """An empty batch gives [0, hidden] (both readings), all-padding rows and 0/1 float masks read
     as nn.LSTM over zeros, the gradient of x is nn.LSTM's; a mask that is not [B, L], L = 0 and
     lengths that are not [B] are one-line ValueErrors (a shorter mask ran fewer steps silently)."""
@@ -619,7 +619,7 @@ def test_predict_keeps_no_batch_output_alive_while_the_next_batches_run(monkeypa
 
 
 @pytest.mark.parametrize(("batch", "length", "lengths"), [(1, 1, [1]), (1, 5, [1]), (0, 4, [])])
-def test_lstm_backward_runs_for_one_or_no_recurrence_cell(batch, length, lengths):
+def test_lstm_backward_runs_for_one_or_no_recurrence_cell(batch, length, lengths, recurrence):
     """A single (step, sample) cell, or none: the gate buffer must be a copy of the bias, not a
     view of it (expand().contiguous() returned the bias itself, and the in-place writes then
     broke backward); gradients equal nn.LSTM's."""

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from msakit.modules import lstm_kernel
 from msakit.modules.pooling import masked_mean
 
 
@@ -144,7 +145,11 @@ class _Recurrence(torch.autograd.Function):
     h [T, B, H], c_0 = h_0 = 0; the input gates are bias + projected at the real frames and the
     bias alone at the others (a zero frame).
 
-    Forward: the gate buffer is filled once (bias, then the real frames added), then per step
+    On CPU in float32/float64 both loops run compiled (`lstm_kernel`: per step one BLAS product
+    and one fused elementwise pass; recurrence forward + backward at LMF's sizes 21.6 vs 32.7
+    ms, at TFN's 2.6 vs 8.0 ms); elsewhere, or where it cannot be built, the Python loops below
+    (same formulas; float32 results agree to rounding, float64 to ~1e-12).
+    Python forward: the gate buffer is filled once (bias, then the real frames added), then per step
     one in-place addmm and eight elementwise kernels writing into preallocated buffers (tanh of
     g on a contiguous copy: over the strided gate slice it ran ~3x slower). Backward: per step
     five kernels (gate gradients from coefficients computed for all steps at once, then
@@ -173,6 +178,12 @@ class _Recurrence(torch.autograd.Function):
         # the in-place writes below would modify the input
         acts = bias.repeat(steps * batch, 1).index_add_(0, index, projected)
         acts = acts.view(steps, batch, four_h)
+        kernel = _kernel_for(acts, w_hh)
+        ctx.kernel = kernel
+        if kernel is not None:  # acts become the activations (tanh of g included)
+            cells, tanh_cells, hidden = kernel.forward(acts, w_hh.contiguous())
+            ctx.save_for_backward(index, acts, None, cells, tanh_cells, hidden, w_hh)
+            return hidden[1:]
         g_act = acts.new_empty(steps, batch, h)  # tanh of g, contiguous
         cells = acts.new_zeros(steps + 1, batch, h)  # cells[t + 1] = c_t
         tanh_cells = acts.new_empty(steps, batch, h)
@@ -203,6 +214,10 @@ class _Recurrence(torch.autograd.Function):
         index, acts, g, cells, tanh_cells, hidden, w_hh = ctx.saved_tensors
         steps, batch, four_h = acts.shape
         h = four_h // 4
+        if ctx.kernel is not None:
+            dgates = ctx.kernel.backward(grad_hidden.contiguous(), acts, cells, tanh_cells,
+                                         w_hh.contiguous())
+            return _weight_gradients(dgates, index, hidden)
         i, f, _, o = acts.split(h, dim=2)
         # d(pre-activation) = coef * dc for i, f, g and coef * dh for o; dc_t += dh_t * o (1 - tanh^2).
         # Each slot written in place, x (1 - x) as x - x * x in one addcmul, products shared:
@@ -231,10 +246,27 @@ class _Recurrence(torch.autograd.Function):
             dc.mul_(f_t[t])
             if t:
                 dh = torch.addmm(grad_h[t - 1], d_all[t], w_hh)
-        rows = dgates.view(steps * batch, four_h)
-        # dW_hh = sum_t dgates_t^T h_{t-1}; h_{-1} = 0
-        grad_w = rows[batch:].t() @ hidden[1:steps].reshape(-1, h)
-        return rows.index_select(0, index), None, rows.sum(0), grad_w, None, None
+        return _weight_gradients(dgates, index, hidden)
+
+
+def _kernel_for(acts: torch.Tensor, w_hh: torch.Tensor):
+    """The compiled recurrence (`lstm_kernel.get()`) for float32/float64 CPU tensors with at least
+    one sample, else None (the Python loop: CUDA, half precision, B = 0)."""
+    if acts.device.type != "cpu" or acts.dtype not in (torch.float32, torch.float64) or not acts.shape[1]:
+        return None
+    if w_hh.dtype != acts.dtype or w_hh.device.type != "cpu":
+        return None
+    return lstm_kernel.get()
+
+
+def _weight_gradients(dgates: torch.Tensor, index: torch.Tensor, hidden: torch.Tensor):
+    """_Recurrence.backward's return from the gate gradients dgates [T, B, 4H] and the states
+    hidden [T + 1, B, H]: d projected (rows `index`), None, d bias, d W_hh, None, None."""
+    steps, batch, four_h = dgates.shape
+    rows = dgates.view(steps * batch, four_h)
+    # dW_hh = sum_t dgates_t^T h_{t-1}; h_{-1} = 0
+    grad_w = rows[batch:].t() @ hidden[1:steps].reshape(-1, four_h // 4)
+    return rows.index_select(0, index), None, rows.sum(0), grad_w, None, None
 
 
 def build_encoder(kind: str, in_dim: int, hidden: int, dropout: float) -> nn.Module:

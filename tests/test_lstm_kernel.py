@@ -1,0 +1,154 @@
+"""The compiled LSTM recurrence (`msakit.modules.lstm_kernel`): the same numbers as the Python
+loop, used by default on CPU, and a clean fallback wherever it cannot be built."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from msakit.modules import encoders, lstm_kernel
+
+
+def _inputs(batch, steps, hidden, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, steps + 1, (batch,), generator=g)
+    lengths[0] = steps
+    real = torch.arange(steps)[:, None] < lengths[None, :]
+    t, b = real.nonzero(as_tuple=True)
+    projected = torch.randn(len(t), 4 * hidden, generator=g, dtype=dtype).requires_grad_()
+    bias = torch.randn(4 * hidden, generator=g, dtype=dtype).requires_grad_()
+    w_hh = (torch.randn(4 * hidden, hidden, generator=g, dtype=dtype) * 0.3).requires_grad_()
+    grad = torch.randn(steps, batch, hidden, generator=g, dtype=dtype)
+    return (projected, t * batch + b, bias, w_hh, steps, batch), grad
+
+
+def _run(args, grad):
+    out = encoders._Recurrence.apply(*args)
+    return out, torch.autograd.grad(out, (args[0], args[2], args[3]), grad)
+
+
+def _compiled():
+    module = lstm_kernel.get()
+    if module is None:
+        pytest.skip("the compiled LSTM recurrence is not available here")
+    return module
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("batch", "steps", "hidden"), [(16, 12, 32), (3, 7, 5), (1, 1, 8)])
+def test_compiled_recurrence_equals_the_python_loop(monkeypatch, dtype, batch, steps, hidden):
+    """Outputs and the gradients of projected, bias and W_hh equal the Python loop's (float64 to
+    1e-10, float32 to rounding), at sizes whose H is and is not a multiple of the vector width."""
+    _compiled()
+    args, grad = _inputs(batch, steps, hidden, dtype)
+    out, grads = _run(args, grad)
+    monkeypatch.setattr(lstm_kernel, "get", lambda: None)
+    ref_out, ref_grads = _run(args, grad)
+    tol = {"atol": 1e-10, "rtol": 0} if dtype == torch.float64 else {"atol": 1e-5, "rtol": 1e-4}
+    torch.testing.assert_close(out, ref_out, **tol)
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want, **tol)
+
+
+def test_the_encoder_runs_the_compiled_loops_forward_and_backward(monkeypatch):
+    """On CPU in float32 both directions go through the kernel (a refactor that dropped it would
+    pass every equality test); half precision and B = 0 take the Python loop."""
+    module = _compiled()
+    calls = []
+
+    class Spy:
+        def forward(self, *a):
+            calls.append("forward")
+            return module.forward(*a)
+
+        def backward(self, *a):
+            calls.append("backward")
+            return module.backward(*a)
+
+    monkeypatch.setattr(lstm_kernel, "get", lambda: Spy())
+    torch.manual_seed(0)
+    encoder = encoders.LSTMEncoder(6, 4, 3, dropout=0.0)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]).bool()
+    encoder(torch.randn(2, 4, 6), mask).sum().backward()
+    assert calls == ["forward", "backward"]
+    calls.clear()
+    encoder(torch.randn(0, 4, 6), mask[:0]).sum()
+    encoder.to(torch.bfloat16)(torch.randn(2, 4, 6, dtype=torch.bfloat16), mask).sum().backward()
+    assert calls == []
+
+
+def test_nan_and_inf_propagate_and_the_process_keeps_subnormal_numbers():
+    """-ffast-math is a compile flag only: a NaN input gives NaN states (not a silently finite
+    number), saturated gates give exact limits, and loading the kernel did not switch the
+    process to flush-to-zero."""
+    _compiled()
+    args, grad = _inputs(2, 3, 8, torch.float32)
+    projected = args[0].detach().clone()
+    projected[0, 0] = float("nan")
+    out = encoders._Recurrence.apply(projected, *args[1:])
+    assert torch.isnan(out[:, 0]).any() and torch.isfinite(out[:, 1]).all()
+    projected = torch.full_like(projected, 1e4)  # every gate saturated: i = f = o = 1, g = 1
+    out = encoders._Recurrence.apply(projected, *args[1:])
+    assert torch.isfinite(out).all()
+    tiny = np.float32(1e-39)
+    assert tiny * np.float32(1.0) != 0 and float(torch.tensor([1e-39]) * 1.0) != 0.0
+
+
+def _fresh_build(monkeypatch, tmp_path, load):
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(lstm_kernel, "_state", {})
+    monkeypatch.setenv("MSAKIT_KERNEL_DIR", str(tmp_path))
+    monkeypatch.setattr(cpp_extension, "load", load)
+
+
+def test_a_failed_build_logs_once_and_the_python_loop_trains(monkeypatch, tmp_path, caplog):
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Error building extension 'msakit_lstm'\nc++: not found")
+
+    _fresh_build(monkeypatch, tmp_path, no_compiler)
+    with caplog.at_level(logging.WARNING, logger=lstm_kernel.__name__):
+        assert lstm_kernel.get() is None and lstm_kernel.get() is None
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "(RuntimeError: Error building extension 'msakit_lstm'); using the Python loop" in warnings[0]
+    encoder = encoders.LSTMEncoder(3, 2, 1, dropout=0.0)
+    encoder(torch.randn(2, 4, 3), torch.ones(2, 4, dtype=torch.bool)).sum().backward()
+    assert encoder.lstm.weight_hh_l0.grad.abs().sum() > 0
+
+
+def test_the_switch_turns_it_off_without_building(monkeypatch, tmp_path):
+    def must_not_build(*args, **kwargs):
+        raise AssertionError("built although MSAKIT_LSTM_KERNEL=0")
+
+    _fresh_build(monkeypatch, tmp_path, must_not_build)
+    monkeypatch.setenv("MSAKIT_LSTM_KERNEL", "0")
+    assert lstm_kernel.get() is None
+
+
+@pytest.mark.parametrize(("age_s", "kept"), [(lstm_kernel.STALE_LOCK_S + 60, False), (5, True)])
+def test_a_stale_build_lock_is_removed_a_fresh_one_kept(monkeypatch, tmp_path, age_s, kept):
+    """torch waits forever on the lock a killed build left; one older than STALE_LOCK_S goes, a
+    recent one (another process building now) stays; the build goes to <dir>/<torch>-<CPU>."""
+    seen = {}
+
+    def load(name, sources, extra_cflags, build_directory, verbose):
+        seen.update(name=name, directory=build_directory, flags=extra_cflags)
+        return "module"
+
+    _fresh_build(monkeypatch, tmp_path, load)
+    directory = lstm_kernel.build_directory()
+    directory.mkdir(parents=True)
+    lock = directory / "lock"
+    lock.touch()
+    os.utime(lock, (time.time() - age_s, time.time() - age_s))
+    assert lstm_kernel.get() == "module"
+    assert lock.exists() == kept
+    assert seen["directory"] == str(tmp_path / directory.name) and seen["name"] == "msakit_lstm"
+    assert directory.name.startswith(torch.__version__.replace("+", "_"))
+    assert "-ffast-math" in seen["flags"] and "-O3" in seen["flags"]
