@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 import time
 
 import numpy as np
@@ -99,6 +100,30 @@ def test_nan_and_inf_propagate_and_the_process_keeps_subnormal_numbers():
     assert tiny * np.float32(1.0) != 0 and float(torch.tensor([1e-39]) * 1.0) != 0.0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_saturated_and_infinite_gates_give_the_python_loops_numbers(monkeypatch, dtype):
+    """Gate pre-activations far beyond exp's range (+-89, +-1000, +-inf in float32; +-710 and
+    +-1e4 in float64), as unstandardised features give: the compiled sigmoid and tanh saturate
+    like torch's (GCC's reciprocal estimate once turned sigmoid(-89) into NaN in float32)."""
+    _compiled()
+    values = [-float("inf"), -1e4, -1000.0, -710.0, -100.0, -89.0, -88.0, -20.0, 0.0, 20.0, 88.0,
+              89.0, 100.0, 710.0, 1000.0, 1e4, float("inf")]
+    hidden, steps = len(values), 3
+    projected = torch.tensor(values, dtype=dtype).repeat(4 * steps, 1).t().reshape(hidden, 4, steps)
+    projected = projected.permute(2, 1, 0).reshape(steps, 4 * hidden)  # every gate sees every value
+    args = (projected.requires_grad_(), torch.arange(steps), torch.zeros(4 * hidden, dtype=dtype,
+            requires_grad=True), torch.zeros(4 * hidden, hidden, dtype=dtype, requires_grad=True),
+            steps, 1)
+    grad = torch.ones(steps, 1, hidden, dtype=dtype)
+    out, grads = _run(args, grad)
+    monkeypatch.setattr(lstm_kernel, "get", lambda: None)
+    ref_out, ref_grads = _run(args, grad)
+    assert torch.isfinite(ref_out).all()
+    torch.testing.assert_close(out, ref_out, atol=1e-6, rtol=0)
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0, equal_nan=True)
+
+
 def _fresh_build(monkeypatch, tmp_path, load):
     from torch.utils import cpp_extension
 
@@ -152,3 +177,5 @@ def test_a_stale_build_lock_is_removed_a_fresh_one_kept(monkeypatch, tmp_path, a
     assert seen["directory"] == str(tmp_path / directory.name) and seen["name"] == "msakit_lstm"
     assert directory.name.startswith(torch.__version__.replace("+", "_"))
     assert "-ffast-math" in seen["flags"] and "-O3" in seen["flags"]
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        assert "-mno-recip" in seen["flags"]

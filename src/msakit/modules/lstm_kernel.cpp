@@ -10,10 +10,11 @@
 //   cells [T + 1, B, H] (cells[t + 1] = c_t), tanh_cells [T, B, H], hidden [T + 1, B, H].
 // The gradient returned by `backward` is d(loss)/d(gates before activation) [T, B, 4H].
 //
-// Compiled with -O3 -ffast-math (and -mavx2 -mfma where the CPU has them) so that GCC calls
-// glibc's vector exp and tanh (libmvec, <= 4 ulp); nothing here compares floats, so NaN and inf
-// propagate as in plain arithmetic. -ffast-math is a compile flag only: the shared object is
-// not linked with it (no flush-to-zero for the process).
+// Compiled with -O3 -ffast-math -mno-recip (and -mavx2 -mfma where the CPU has them) so that GCC
+// calls glibc's vector exp and tanh (libmvec, <= 4 ulp) and divides exactly (its reciprocal
+// estimate turned 1 / (1 + inf) into NaN); nothing here compares floats, so NaN and inf propagate
+// as in plain arithmetic. -ffast-math is a compile flag only: the shared object is not linked
+// with it (no flush-to-zero for the process).
 
 #include <torch/extension.h>
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 import shutil
 import threading
 import time
@@ -58,9 +59,14 @@ def build_directory() -> Path:
 
 
 def _flags() -> list[str]:
+    """-ffast-math makes GCC call glibc's vector exp/tanh; on x86 it also turns divisions into
+    reciprocal estimates (rcpps + a Newton step: 1 / (1 + inf) gave NaN, so sigmoid(x < -88) was
+    NaN in float32), which -mno-recip turns off."""
     flags = ["-O3", "-ffast-math"]
-    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
-        flags += ["-mavx2", "-mfma"]
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        flags.append("-mno-recip")
+        if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+            flags += ["-mavx2", "-mfma"]
     return flags
 
 
