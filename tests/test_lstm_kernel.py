@@ -4,9 +4,9 @@ loop, used by default on CPU, and a clean fallback wherever it cannot be built."
 from __future__ import annotations
 
 import logging
-import os
 import platform
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -156,26 +156,71 @@ def test_the_switch_turns_it_off_without_building(monkeypatch, tmp_path):
     assert lstm_kernel.get() is None
 
 
-@pytest.mark.parametrize(("age_s", "kept"), [(lstm_kernel.STALE_LOCK_S + 60, False), (5, True)])
-def test_a_stale_build_lock_is_removed_a_fresh_one_kept(monkeypatch, tmp_path, age_s, kept):
-    """torch waits forever on the lock a killed build left; one older than STALE_LOCK_S goes, a
-    recent one (another process building now) stays; the build goes to <dir>/<torch>-<CPU>."""
+def test_a_killed_builds_lock_is_cleared_and_builds_take_turns(monkeypatch, tmp_path):
+    """torch waits forever on the `lock` a killed build left: under msakit's flock (released by
+    the OS when its holder dies) nobody else is building, so that file goes; while another
+    process holds the flock, get() waits. The build goes to <dir>/<torch>-<CPU>-<hash>."""
+    import fcntl
+    import threading
+
     seen = {}
 
     def load(name, sources, extra_cflags, build_directory, verbose):
-        seen.update(name=name, directory=build_directory, flags=extra_cflags)
+        seen.update(name=name, directory=build_directory, flags=extra_cflags, lock=(
+            Path(build_directory) / "lock").exists())
         return "module"
 
     _fresh_build(monkeypatch, tmp_path, load)
     directory = lstm_kernel.build_directory()
     directory.mkdir(parents=True)
-    lock = directory / "lock"
-    lock.touch()
-    os.utime(lock, (time.time() - age_s, time.time() - age_s))
-    assert lstm_kernel.get() == "module"
-    assert lock.exists() == kept
-    assert seen["directory"] == str(tmp_path / directory.name) and seen["name"] == "msakit_lstm"
+    (directory / "lock").touch()
+    holder = open(directory / "msakit.lock", "a")  # released below
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    result = []
+    worker = threading.Thread(target=lambda: result.append(lstm_kernel.get()))
+    worker.start()
+    time.sleep(0.5)
+    assert seen == {} and worker.is_alive()  # waiting for the holder
+    fcntl.flock(holder, fcntl.LOCK_UN)
+    holder.close()
+    worker.join(10)
+    assert result == ["module"] and seen["lock"] is False
+    assert seen["directory"] == str(directory) and seen["name"] == "msakit_lstm"
+    assert directory.parent == tmp_path
     assert directory.name.startswith(torch.__version__.replace("+", "_"))
     assert "-ffast-math" in seen["flags"] and "-O3" in seen["flags"]
     if platform.machine().lower() in ("x86_64", "amd64"):
         assert "-mno-recip" in seen["flags"]
+
+
+def test_the_build_directory_changes_with_the_source(monkeypatch, tmp_path):
+    """Two checkouts with different kernels never load each other's build."""
+    monkeypatch.setenv("MSAKIT_KERNEL_DIR", str(tmp_path))
+    first = lstm_kernel.build_directory()
+    other = tmp_path / "other.cpp"
+    other.write_text(lstm_kernel.SOURCE.read_text() + "// changed\n")
+    monkeypatch.setattr(lstm_kernel, "SOURCE", other)
+    assert lstm_kernel.build_directory() != first
+
+
+def test_a_build_that_does_not_load_is_rebuilt_once(monkeypatch, tmp_path, caplog):
+    """A damaged .so that ninja takes for up to date: the directory is emptied and built again;
+    a second failure falls back to the Python loop."""
+    calls = []
+
+    def load(name, sources, extra_cflags, build_directory, verbose):
+        calls.append(sorted(p.name for p in Path(build_directory).iterdir()))
+        if len(calls) == 1 or fail_again:
+            raise ImportError("msakit_lstm.so: invalid ELF header")
+        return "module"
+
+    for fail_again, expected in ((False, "module"), (True, None)):
+        calls.clear()
+        _fresh_build(monkeypatch, tmp_path / str(fail_again), load)
+        directory = lstm_kernel.build_directory()
+        directory.mkdir(parents=True)
+        (directory / "msakit_lstm.so").write_bytes(b"junk")
+        with caplog.at_level(logging.WARNING, logger=lstm_kernel.__name__):
+            assert lstm_kernel.get() == expected
+        assert calls == [["msakit.lock", "msakit_lstm.so"], ["msakit.lock"]]
+        assert "did not load (msakit_lstm.so: invalid ELF header); rebuilding it" in caplog.text

@@ -4,8 +4,9 @@
 acts, cells, tanh_cells, w_hh)`, layout in the .cpp file) or None, in which case
 `encoders._Recurrence` runs its Python loop (same arithmetic). It is built once per machine
 with `torch.utils.cpp_extension.load` (g++ and ninja; about a minute on 2 cores, logged) into
-`<$MSAKIT_KERNEL_DIR or ~/.cache/msakit/kernels>/<torch version>-<CPU capability>`; later
-processes load the built file (under a second). `MSAKIT_LSTM_KERNEL=0` turns it off.
+`<$MSAKIT_KERNEL_DIR or ~/.cache/msakit/kernels>/<torch version>-<CPU capability>-<hash>`
+(`build_directory`), one process at a time (an flock); later processes load the built file
+(under a second); a build that no longer loads is rebuilt once. `MSAKIT_LSTM_KERNEL=0` turns it off.
 Any failure to build or load (no compiler, read-only cache, a BLAS symbol missing from an
 unusual torch build) is logged once and the Python loop is used.
 
@@ -20,6 +21,8 @@ B = 32, T = 50, H = 32 (TFN) 2.6 vs 8.0 ms.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import os
 import platform
@@ -34,7 +37,6 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("lstm_kernel.cpp")
-STALE_LOCK_S = 600  # a build lock older than this was left by a killed build
 _lock = threading.Lock()
 _state: dict[str, ModuleType | None] = {}
 
@@ -52,9 +54,11 @@ def get() -> ModuleType | None:
 
 def build_directory() -> Path:
     """Where the extension is built: <$MSAKIT_KERNEL_DIR, else ~/.cache/msakit/kernels>/<torch
-    version>-<CPU capability> (one build per torch version and instruction set)."""
+    version>-<CPU capability>-<hash of the source and flags>: one build per torch version,
+    instruction set and kernel version (checkouts with another lstm_kernel.cpp never share one)."""
     root = os.environ.get("MSAKIT_KERNEL_DIR") or Path.home() / ".cache" / "msakit" / "kernels"
-    tag = f"{torch.__version__}-{torch.backends.cpu.get_cpu_capability()}".replace("+", "_")
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(_flags()).encode()).hexdigest()[:12]
+    tag = f"{torch.__version__}-{torch.backends.cpu.get_cpu_capability()}-{digest}".replace("+", "_")
     return Path(root) / tag
 
 
@@ -70,29 +74,61 @@ def _flags() -> list[str]:
     return flags
 
 
+@contextlib.contextmanager
+def _exclusive(path: Path):
+    """One process at a time in the build directory: an flock, which the OS releases when its
+    holder dies (torch's own `lock` file stays behind after a killed build, and torch then
+    waits for it forever). No-op where fcntl is missing (Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _build() -> ModuleType | None:
     from torch.utils import cpp_extension
 
-    directory = build_directory()
     try:
+        directory = build_directory()
         directory.mkdir(parents=True, exist_ok=True)
-        lock = directory / "lock"
-        if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
-            lock.unlink(missing_ok=True)  # torch would wait for it forever
         if shutil.which("ninja") is None:
             import ninja  # the PyPI wheel; its binary is not always on PATH (pyenv shims)
 
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-        built = any(directory.glob("msakit_lstm*.so"))
-        if not built:
-            log.info("building the compiled LSTM recurrence (once per machine, about a minute) in %s",
-                     directory)
-        start = time.perf_counter()
-        module = cpp_extension.load("msakit_lstm", [str(SOURCE)], extra_cflags=_flags(),
-                                    build_directory=str(directory), verbose=False)
-        if not built:
-            log.info("compiled LSTM recurrence built in %.0f s", time.perf_counter() - start)
-        return module
+        with _exclusive(directory / "msakit.lock"):
+            # under the flock nobody else builds here: a torch `lock` is a killed build's
+            (directory / "lock").unlink(missing_ok=True)
+            for attempt in (1, 2):
+                built = any(directory.glob("*.so"))
+                if not built:
+                    log.info("building the compiled LSTM recurrence (once per machine, about a "
+                             "minute) in %s", directory)
+                start = time.perf_counter()
+                try:
+                    module = cpp_extension.load("msakit_lstm", [str(SOURCE)], extra_cflags=_flags(),
+                                                build_directory=str(directory), verbose=False)
+                except ImportError as error:
+                    if attempt == 2:
+                        raise
+                    # a damaged .so that ninja takes for up to date: rebuild from nothing
+                    log.warning("compiled LSTM recurrence in %s did not load (%s); rebuilding it",
+                                directory, str(error).strip().splitlines()[0] if str(error).strip() else "")
+                    for entry in directory.iterdir():
+                        if entry.is_dir():
+                            shutil.rmtree(entry)
+                        elif entry.name != "msakit.lock":
+                            entry.unlink()
+                    continue
+                if not built:
+                    log.info("compiled LSTM recurrence built in %.0f s", time.perf_counter() - start)
+                return module
     except Exception as error:  # any failure means: run the Python loop
         first = str(error).strip().splitlines()
         log.warning("compiled LSTM recurrence unavailable (%s: %s); using the Python loop "
