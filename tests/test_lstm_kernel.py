@@ -206,14 +206,22 @@ def test_the_build_directory_changes_with_the_source(monkeypatch, tmp_path):
 def test_a_build_that_does_not_load_is_rebuilt_once(monkeypatch, tmp_path, caplog):
     """A damaged .so that ninja takes for up to date: the directory is emptied and built again;
     a second failure falls back to the Python loop."""
+    from torch.utils import cpp_extension
+
     calls = []
+    versions = cpp_extension.JIT_EXTENSION_VERSIONER.entries
 
     def load(name, sources, extra_cflags, build_directory, verbose):
+        # torch builds a name once per process: a kept entry would only re-import the junk
+        assert len(calls) == 0 or name not in versions
+        versions[name] = "built in this process"
         calls.append(sorted(p.name for p in Path(build_directory).iterdir()))
         if len(calls) == 1 or fail_again:
             raise ImportError("msakit_lstm.so: invalid ELF header")
         return "module"
 
+    monkeypatch.setattr(cpp_extension.JIT_EXTENSION_VERSIONER, "entries", dict(versions))
+    versions = cpp_extension.JIT_EXTENSION_VERSIONER.entries
     for fail_again, expected in ((False, "module"), (True, None)):
         calls.clear()
         _fresh_build(monkeypatch, tmp_path / str(fail_again), load)

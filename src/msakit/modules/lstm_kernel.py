@@ -125,6 +125,8 @@ def _build() -> ModuleType | None:
                             shutil.rmtree(entry)
                         elif entry.name != "msakit.lock":
                             entry.unlink()
+                    # torch builds a name only once per process; forget it so that it builds again
+                    cpp_extension.JIT_EXTENSION_VERSIONER.entries.pop("msakit_lstm", None)
                     continue
                 if not built:
                     log.info("compiled LSTM recurrence built in %.0f s", time.perf_counter() - start)
