@@ -4,6 +4,7 @@ loop, used by default on CPU, and a clean fallback wherever it cannot be built."
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import time
 from pathlib import Path
@@ -230,5 +231,35 @@ def test_a_build_that_does_not_load_is_rebuilt_once(monkeypatch, tmp_path, caplo
         (directory / "msakit_lstm.so").write_bytes(b"junk")
         with caplog.at_level(logging.WARNING, logger=lstm_kernel.__name__):
             assert lstm_kernel.get() == expected
-        assert calls == [["msakit.lock", "msakit_lstm.so"], ["msakit.lock"]]
+        # each build from the source's copy in the directory, the second from a fresh copy
+        assert calls == [["lstm_kernel.cpp", "msakit.lock", "msakit_lstm.so"], ["lstm_kernel.cpp", "msakit.lock"]]
         assert "did not load (msakit_lstm.so: invalid ELF header); rebuilding it" in caplog.text
+
+
+def test_another_checkout_with_the_same_kernel_reuses_the_build(monkeypatch, tmp_path):
+    """The extension is compiled from a copy of the source inside its (hash-named) directory, so
+    build.ninja does not name this checkout (another checkout would rebuild it, ~1 minute)."""
+    seen = []
+
+    def load(name, sources, extra_cflags, build_directory, verbose):
+        seen.append(sources)
+        return "module"
+
+    _fresh_build(monkeypatch, tmp_path, load)
+    assert lstm_kernel.get() == "module"
+    directory = lstm_kernel.build_directory()
+    assert seen == [[str(directory / "lstm_kernel.cpp")]]
+    assert (directory / "lstm_kernel.cpp").read_bytes() == lstm_kernel.SOURCE.read_bytes()
+
+
+def test_no_compiler_is_said_in_one_line_and_path_is_left_as_it_was(monkeypatch, tmp_path, caplog):
+    def must_not_build(*args, **kwargs):
+        raise AssertionError("load called without a compiler")
+
+    _fresh_build(monkeypatch, tmp_path, must_not_build)
+    monkeypatch.setenv("CXX", "no-such-compiler-here")
+    path = os.environ["PATH"]
+    with caplog.at_level(logging.WARNING, logger=lstm_kernel.__name__):
+        assert lstm_kernel.get() is None
+    assert "(RuntimeError: no C++ compiler: 'no-such-compiler-here' is not on PATH)" in caplog.text
+    assert os.environ["PATH"] == path

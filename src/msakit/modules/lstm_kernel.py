@@ -27,6 +27,8 @@ import logging
 import os
 import platform
 import shutil
+import sys
+import sysconfig
 import threading
 import time
 from pathlib import Path
@@ -57,7 +59,10 @@ def build_directory() -> Path:
     version>-<CPU capability>-<hash of the source and flags>: one build per torch version,
     instruction set and kernel version (checkouts with another lstm_kernel.cpp never share one)."""
     root = os.environ.get("MSAKIT_KERNEL_DIR") or Path.home() / ".cache" / "msakit" / "kernels"
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(_flags()).encode()).hexdigest()[:12]
+    # and of what else build.ninja names (torch's and Python's headers): a directory whose
+    # build.ninja changed would be rebuilt, silently, by the next process that uses it
+    context = [*_flags(), str(Path(torch.__file__).parent), sysconfig.get_paths()["include"], sys.version]
+    digest = hashlib.sha256(SOURCE.read_bytes() + "\n".join(context).encode()).hexdigest()[:12]
     tag = f"{torch.__version__}-{torch.backends.cpu.get_cpu_capability()}-{digest}".replace("+", "_")
     return Path(root) / tag
 
@@ -95,13 +100,17 @@ def _exclusive(path: Path):
 def _build() -> ModuleType | None:
     from torch.utils import cpp_extension
 
+    path = os.environ.get("PATH", "")
     try:
+        compiler = os.environ.get("CXX", "c++")
+        if shutil.which(compiler) is None:
+            raise RuntimeError(f"no C++ compiler: {compiler!r} is not on PATH")
         directory = build_directory()
         directory.mkdir(parents=True, exist_ok=True)
         if shutil.which("ninja") is None:
             import ninja  # the PyPI wheel; its binary is not always on PATH (pyenv shims)
 
-            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + path  # for the build only
         with _exclusive(directory / "msakit.lock"):
             # under the flock nobody else builds here: a torch `lock` is a killed build's
             (directory / "lock").unlink(missing_ok=True)
@@ -111,8 +120,14 @@ def _build() -> ModuleType | None:
                     log.info("building the compiled LSTM recurrence (once per machine, about a "
                              "minute) in %s", directory)
                 start = time.perf_counter()
+                # compiled from a copy in the (hash-named) directory, not from this checkout's
+                # path: another checkout or environment with the same kernel reuses the build
+                source = directory / SOURCE.name
+                if not source.exists():
+                    shutil.copyfile(SOURCE, source.with_suffix(".tmp"))
+                    os.replace(source.with_suffix(".tmp"), source)
                 try:
-                    module = cpp_extension.load("msakit_lstm", [str(SOURCE)], extra_cflags=_flags(),
+                    module = cpp_extension.load("msakit_lstm", [str(source)], extra_cflags=_flags(),
                                                 build_directory=str(directory), verbose=False)
                 except ImportError as error:
                     if attempt == 2:
@@ -136,3 +151,5 @@ def _build() -> ModuleType | None:
         log.warning("compiled LSTM recurrence unavailable (%s: %s); using the Python loop "
                     "(same results, slower on CPU)", type(error).__name__, first[0] if first else "")
         return None
+    finally:
+        os.environ["PATH"] = path
