@@ -100,7 +100,7 @@ def _exclusive(path: Path):
 def _build() -> ModuleType | None:
     from torch.utils import cpp_extension
 
-    path = os.environ.get("PATH", "")
+    path = os.environ.get("PATH")
     try:
         compiler = os.environ.get("CXX", "c++")
         if shutil.which(compiler) is None:
@@ -110,7 +110,7 @@ def _build() -> ModuleType | None:
         if shutil.which("ninja") is None:
             import ninja  # the PyPI wheel; its binary is not always on PATH (pyenv shims)
 
-            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + path  # for the build only
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + (path or "")  # for the build only
         with _exclusive(directory / "msakit.lock"):
             # under the flock nobody else builds here: a torch `lock` is a killed build's
             (directory / "lock").unlink(missing_ok=True)
@@ -152,4 +152,7 @@ def _build() -> ModuleType | None:
                     "(same results, slower on CPU)", type(error).__name__, first[0] if first else "")
         return None
     finally:
-        os.environ["PATH"] = path
+        if path is None:
+            os.environ.pop("PATH", None)
+        else:
+            os.environ["PATH"] = path
