@@ -257,9 +257,13 @@ def test_no_compiler_is_said_in_one_line_and_path_is_left_as_it_was(monkeypatch,
         raise AssertionError("load called without a compiler")
 
     _fresh_build(monkeypatch, tmp_path, must_not_build)
-    monkeypatch.setenv("CXX", "no-such-compiler-here")
+    monkeypatch.setenv("CXX", "no-such-compiler-here -O2")
     path = os.environ["PATH"]
     with caplog.at_level(logging.WARNING, logger=lstm_kernel.__name__):
         assert lstm_kernel.get() is None
-    assert "(RuntimeError: no C++ compiler: 'no-such-compiler-here' is not on PATH)" in caplog.text
+    assert "(RuntimeError: no C++ compiler: 'no-such-compiler-here -O2' is not on PATH)" in caplog.text
     assert os.environ["PATH"] == path
+    # a launcher in front of the compiler is fine
+    _fresh_build(monkeypatch, tmp_path, lambda *a, **k: "module")
+    monkeypatch.setenv("CXX", "env c++")
+    assert lstm_kernel.get() == "module"

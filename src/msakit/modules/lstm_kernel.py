@@ -102,9 +102,9 @@ def _build() -> ModuleType | None:
 
     path = os.environ.get("PATH")
     try:
-        compiler = os.environ.get("CXX", "c++")
-        if shutil.which(compiler) is None:
-            raise RuntimeError(f"no C++ compiler: {compiler!r} is not on PATH")
+        compiler = (os.environ.get("CXX") or "c++").split()  # CXX may be "ccache g++"
+        if not compiler or shutil.which(compiler[0]) is None:
+            raise RuntimeError(f"no C++ compiler: {' '.join(compiler)!r} is not on PATH")
         directory = build_directory()
         directory.mkdir(parents=True, exist_ok=True)
         if shutil.which("ninja") is None:
