@@ -181,7 +181,8 @@ class _Recurrence(torch.autograd.Function):
         kernel = _kernel_for(acts, w_hh)
         ctx.kernel = kernel
         if kernel is not None:  # acts become the activations (tanh of g included)
-            cells, tanh_cells, hidden = kernel.forward(acts, w_hh.contiguous())
+            w_hh = w_hh.contiguous()
+            cells, tanh_cells, hidden = kernel.forward(acts, w_hh)
             ctx.save_for_backward(index, acts, None, cells, tanh_cells, hidden, w_hh)
             return hidden[1:]
         g_act = acts.new_empty(steps, batch, h)  # tanh of g, contiguous
@@ -215,8 +216,7 @@ class _Recurrence(torch.autograd.Function):
         steps, batch, four_h = acts.shape
         h = four_h // 4
         if ctx.kernel is not None:
-            dgates = ctx.kernel.backward(grad_hidden.contiguous(), acts, cells, tanh_cells,
-                                         w_hh.contiguous())
+            dgates = ctx.kernel.backward(grad_hidden.contiguous(), acts, cells, tanh_cells, w_hh)
             return _weight_gradients(dgates, index, hidden)
         i, f, _, o = acts.split(h, dim=2)
         # d(pre-activation) = coef * dc for i, f, g and coef * dh for o; dc_t += dh_t * o (1 - tanh^2).

@@ -48,6 +48,8 @@ def get() -> ModuleType | None:
     `MSAKIT_LSTM_KERNEL=0` or when it cannot be built or loaded (logged once)."""
     if os.environ.get("MSAKIT_LSTM_KERNEL", "1") == "0":
         return None
+    if "module" in _state:  # every LSTM forward asks: no lock once decided
+        return _state["module"]
     with _lock:
         if "module" not in _state:
             _state["module"] = _build()
@@ -105,7 +107,7 @@ def _build() -> ModuleType | None:
         compiler = (os.environ.get("CXX") or "c++").split()  # CXX may be "ccache g++"
         if not compiler or shutil.which(compiler[0]) is None:
             raise RuntimeError(f"no C++ compiler: {' '.join(compiler)!r} is not on PATH")
-        directory = build_directory()
+        flags, directory = _flags(), build_directory()
         directory.mkdir(parents=True, exist_ok=True)
         if shutil.which("ninja") is None:
             import ninja  # the PyPI wheel; its binary is not always on PATH (pyenv shims)
@@ -127,14 +129,14 @@ def _build() -> ModuleType | None:
                     shutil.copyfile(SOURCE, source.with_suffix(".tmp"))
                     os.replace(source.with_suffix(".tmp"), source)
                 try:
-                    module = cpp_extension.load("msakit_lstm", [str(source)], extra_cflags=_flags(),
+                    module = cpp_extension.load("msakit_lstm", [str(source)], extra_cflags=flags,
                                                 build_directory=str(directory), verbose=False)
                 except ImportError as error:
                     if attempt == 2:
                         raise
                     # a damaged .so that ninja takes for up to date: rebuild from nothing
                     log.warning("compiled LSTM recurrence in %s did not load (%s); rebuilding it",
-                                directory, str(error).strip().splitlines()[0] if str(error).strip() else "")
+                                directory, _first_line(error))
                     for entry in directory.iterdir():
                         if entry.is_dir():
                             shutil.rmtree(entry)
@@ -147,12 +149,16 @@ def _build() -> ModuleType | None:
                     log.info("compiled LSTM recurrence built in %.0f s", time.perf_counter() - start)
                 return module
     except Exception as error:  # any failure means: run the Python loop
-        first = str(error).strip().splitlines()
         log.warning("compiled LSTM recurrence unavailable (%s: %s); using the Python loop "
-                    "(same results, slower on CPU)", type(error).__name__, first[0] if first else "")
+                    "(same results, slower on CPU)", type(error).__name__, _first_line(error))
         return None
     finally:
         if path is None:
             os.environ.pop("PATH", None)
         else:
             os.environ["PATH"] = path
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else ""
