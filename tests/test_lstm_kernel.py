@@ -84,6 +84,36 @@ def test_the_encoder_runs_the_compiled_loops_forward_and_backward(monkeypatch):
     assert calls == []
 
 
+def _mkl_max_threads():
+    """MKL's thread count for the calling thread (its thread-local setting included), or None
+    where torch's BLAS is not MKL."""
+    import ctypes
+
+    library = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+    return getattr(library, "MKL_Get_Max_Threads", lambda: None)()
+
+
+@pytest.mark.parametrize(("batch", "hidden"), [(32, 32), (64, 128)])
+def test_small_products_leave_mkls_thread_count_as_it_was(batch, hidden):
+    """The kernel runs small per-step products on the calling thread (MKL's thread-local count set
+    to 1) and restores the count afterwards: a leak would make every later product of the
+    training step single-threaded."""
+    module = _compiled()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        if _mkl_max_threads() != 2:
+            pytest.skip("torch's BLAS here is not MKL")
+        acts = torch.randn(5, batch, 4 * hidden)
+        w_hh = torch.randn(4 * hidden, hidden) * 0.1
+        cells, tanh_cells, hidden_states = module.forward(acts, w_hh)
+        assert _mkl_max_threads() == 2
+        module.backward(torch.randn(5, batch, hidden), acts, cells, tanh_cells, w_hh)
+        assert _mkl_max_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_nan_and_inf_propagate_and_the_process_keeps_subnormal_numbers():
     """-ffast-math is a compile flag only: a NaN input gives NaN states (not a silently finite
     number), saturated gates give exact limits, and loading the kernel did not switch the
