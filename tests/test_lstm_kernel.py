@@ -84,34 +84,54 @@ def test_the_encoder_runs_the_compiled_loops_forward_and_backward(monkeypatch):
     assert calls == []
 
 
-def _mkl_max_threads():
-    """MKL's thread count for the calling thread (its thread-local setting included), or None
-    where torch's BLAS is not MKL."""
+def _mkl():
+    """libtorch_cpu's MKL service functions (thread-local count), or None where torch's BLAS is
+    not MKL."""
     import ctypes
 
     library = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
-    return getattr(library, "MKL_Get_Max_Threads", lambda: None)()
+    return library if hasattr(library, "MKL_Set_Num_Threads_Local") else None
 
 
 @pytest.mark.parametrize(("batch", "hidden"), [(32, 32), (64, 128)])
 def test_small_products_leave_mkls_thread_count_as_it_was(batch, hidden):
     """The kernel runs small per-step products on the calling thread (MKL's thread-local count set
-    to 1) and restores the count afterwards: a leak would make every later product of the
-    training step single-threaded."""
+    to 1) and puts back the count the thread had: a leak would make every later product of the
+    training step single-threaded. The count set before the call (2) is the one found after."""
     module = _compiled()
-    threads = torch.get_num_threads()
+    mkl = _mkl()
+    if mkl is None:
+        pytest.skip("torch's BLAS here is not MKL")
+    # tensors first: torch's first operation on a thread resets that thread's MKL count
+    acts = torch.randn(5, batch, 4 * hidden)
+    w_hh = torch.randn(4 * hidden, hidden) * 0.1
+    previous = mkl.MKL_Set_Num_Threads_Local(2)
     try:
-        torch.set_num_threads(2)
-        if _mkl_max_threads() != 2:
-            pytest.skip("torch's BLAS here is not MKL")
-        acts = torch.randn(5, batch, 4 * hidden)
-        w_hh = torch.randn(4 * hidden, hidden) * 0.1
-        cells, tanh_cells, hidden_states = module.forward(acts, w_hh)
-        assert _mkl_max_threads() == 2
+        cells, tanh_cells, _ = module.forward(acts, w_hh)
+        assert mkl.MKL_Get_Max_Threads() == 2
         module.backward(torch.randn(5, batch, hidden), acts, cells, tanh_cells, w_hh)
-        assert _mkl_max_threads() == 2
+        assert mkl.MKL_Set_Num_Threads_Local(2) == 2  # returns the thread's count before the call
+        with pytest.raises(RuntimeError, match="must be"):  # refused before the count is touched
+            module.backward(torch.randn(5, batch, hidden), acts, cells[:1], tanh_cells, w_hh)
+        assert mkl.MKL_Set_Num_Threads_Local(2) == 2
     finally:
-        torch.set_num_threads(threads)
+        mkl.MKL_Set_Num_Threads_Local(previous)
+
+
+def test_backward_refuses_states_of_the_wrong_shape_or_dtype():
+    """Direct calls with mismatched saved states get a RuntimeError, not an out-of-bounds read."""
+    module = _compiled()
+    acts = torch.randn(4, 3, 8)
+    w_hh = torch.randn(8, 2)
+    cells, tanh_cells, _ = module.forward(acts, w_hh)
+    grad = torch.randn(4, 3, 2)
+    module.backward(grad, acts, cells, tanh_cells, w_hh)  # the right ones pass
+    for bad in ((grad[:1], acts, cells, tanh_cells), (grad, acts, cells[:1], tanh_cells),
+                (grad, acts, cells, tanh_cells.double()), (grad, acts, cells.double(), tanh_cells),
+                (grad, acts, cells.transpose(1, 2).contiguous().transpose(1, 2), tanh_cells),
+                (grad[:0], acts[:0], cells[:1], tanh_cells[:0])):
+        with pytest.raises(RuntimeError, match="lstm_kernel"):
+            module.backward(*bad, w_hh)
 
 
 def test_nan_and_inf_propagate_and_the_process_keeps_subnormal_numbers():

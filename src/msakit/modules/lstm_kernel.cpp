@@ -36,10 +36,11 @@ int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
 
 namespace {
 
-// Per-step products below this many multiply-adds (B * H * 4H) run on the calling thread: split
-// over 2 threads, MKL's synchronisation cost more than the product (TFN's B = 32, H = 32: 131k
-// multiply-adds, recurrence forward 1.09 ms with 2 threads vs 0.63 ms with 1; LMF's B = 64,
-// H = 128, 4.2M, gains from the second thread).
+// Per-step products below this many multiply-adds (B * H * 4H) run on the calling thread: MKL
+// splits even TFN's (B = 32, H = 32: 131k) over 2 threads, and the synchronisation can cost more
+// than the product (in one machine state the forward took 1.09 ms with 2 threads vs 0.63 ms with
+// 1; in paired runs in others the saving was 0.02-0.1 ms a batch); LMF's (B = 64, H = 128: 4.2M)
+// gain from the second thread (forward 8.8 vs 11.1 ms).
 constexpr int64_t kSequentialBelow = int64_t(1) << 20;
 
 // Makes MKL run this thread's products sequentially for the object's lifetime when `on`.
@@ -179,9 +180,14 @@ torch::Tensor backward(torch::Tensor grad_hidden, torch::Tensor acts, torch::Ten
                        torch::Tensor tanh_cells, torch::Tensor w_hh) {
   check(acts, w_hh);
   const int64_t steps = acts.size(0), batch = acts.size(1), hidden = acts.size(2) / 4;
-  TORCH_CHECK(grad_hidden.is_contiguous() && grad_hidden.sizes() == tanh_cells.sizes() &&
-                  grad_hidden.scalar_type() == acts.scalar_type(),
-              "lstm_kernel: grad_hidden must be a contiguous [T, B, H] tensor of acts' dtype");
+  TORCH_CHECK(steps > 0, "lstm_kernel: backward needs T >= 1");
+  for (const auto* state : {&grad_hidden, &tanh_cells, &cells}) {
+    const int64_t rows = state == &cells ? steps + 1 : steps;
+    TORCH_CHECK(state->is_contiguous() && state->is_cpu() && state->scalar_type() == acts.scalar_type() &&
+                    state->sizes() == torch::IntArrayRef({rows, batch, hidden}),
+                "lstm_kernel: grad_hidden and tanh_cells must be [T, B, H], cells [T + 1, B, H], "
+                "contiguous CPU tensors of acts' dtype");
+  }
   auto dgates = torch::empty_like(acts);
   auto dh = grad_hidden[steps - 1].clone();
   auto dc = torch::zeros_like(dh);

@@ -16,11 +16,13 @@ cost their Python and dispatch overhead, not their arithmetic. No library runs a
 training step fused on CPU (nn.LSTM's oneDNN path runs over the padding and computes the
 gradient of the input, which is data here). Measured at commit time (forward + backward of the
 recurrence, 2 threads, 7 alternating rounds): B = 64, T = 50, H = 128 (LMF) 21.6 vs 32.7 ms;
-B = 32, T = 50, H = 32 (TFN) 2.6 vs 8.0 ms. Per-step products below 2^20 multiply-adds (TFN's)
-run on the calling thread where torch's BLAS is MKL (its thread-local count, restored after):
-with 2 threads MKL's synchronisation cost more than the product (TFN's recurrence inside
-training: forward 1.09 -> 0.64 ms, backward 0.71 -> 0.27 ms per batch; the recurrence's forward +
-backward as above at 05a4e99: TFN 2.5 vs 9.0 ms, LMF 22.4 vs 34.4 ms).
+B = 32, T = 50, H = 32 (TFN) 2.6 vs 8.0 ms (remeasured at 05a4e99: 2.5 vs 9.0 and 22.4 vs 34.4).
+Per-step products below 2^20 multiply-adds (TFN's, not LMF's) run on the calling thread where
+torch's BLAS is MKL (its thread-local count, put back after): MKL splits them over 2 threads, and
+how much that synchronisation costs depends on the machine's state. Inside TFN's training, 2
+threads: in one state the kernel's forward took 1.09 ms with 2 threads against 0.63 ms with 1;
+paired against the previous kernel in other states, forward 0.64 vs 0.73 and 0.61-0.65 vs
+0.63-0.73 ms, backward 0.42-0.47 vs 0.44-0.50 ms a batch (small, never slower).
 """
 
 from __future__ import annotations
