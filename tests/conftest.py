@@ -48,7 +48,6 @@ def recurrence(request, monkeypatch):
     """Runs a test once with the LSTM recurrence's Python loop and once with the compiled one
     (`msakit.modules.lstm_kernel`); the compiled run fails where g++ exists but it did not build."""
     import os
-    import shutil
 
     from msakit.modules import lstm_kernel
 
@@ -57,7 +56,7 @@ def recurrence(request, monkeypatch):
     elif lstm_kernel.get() is None:
         if os.environ.get("MSAKIT_LSTM_KERNEL") == "0":
             pytest.skip("MSAKIT_LSTM_KERNEL=0 turns the compiled LSTM recurrence off")
-        if shutil.which("g++") or shutil.which("c++"):
+        if lstm_kernel.has_compiler():
             pytest.fail("a C++ compiler is here but the compiled LSTM recurrence did not build (see the log)")
         pytest.skip("no C++ compiler: the compiled LSTM recurrence cannot be built")
     return request.param

@@ -105,14 +105,23 @@ def _exclusive(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _compiler() -> list[str]:
+    return (os.environ.get("CXX") or "c++").split()  # CXX may be "ccache g++"
+
+
+def has_compiler() -> bool:
+    """Whether the C++ compiler the build uses ($CXX's first word, else c++) is on PATH."""
+    compiler = _compiler()
+    return bool(compiler) and shutil.which(compiler[0]) is not None
+
+
 def _build() -> ModuleType | None:
     from torch.utils import cpp_extension
 
     path = os.environ.get("PATH")
     try:
-        compiler = (os.environ.get("CXX") or "c++").split()  # CXX may be "ccache g++"
-        if not compiler or shutil.which(compiler[0]) is None:
-            raise RuntimeError(f"no C++ compiler: {' '.join(compiler)!r} is not on PATH")
+        if not has_compiler():
+            raise RuntimeError(f"no C++ compiler: {' '.join(_compiler())!r} is not on PATH")
         flags, directory = _flags(), build_directory()
         directory.mkdir(parents=True, exist_ok=True)
         if shutil.which("ninja") is None:
