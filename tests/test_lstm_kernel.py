@@ -57,6 +57,48 @@ def test_compiled_recurrence_equals_the_python_loop(monkeypatch, dtype, batch, s
         torch.testing.assert_close(got, want, **tol)
 
 
+@pytest.mark.parametrize("batch", [32, 33, 64, 15])
+def test_rows_split_over_threads_give_the_one_thread_numbers(batch):
+    """With 2 torch threads a batch of >= 16 sequences is split into 2 row ranges (`row_ranges`),
+    each running all T steps on its own thread; outputs and gradients equal those of 1 thread (one
+    range) to 1e-12 in float64, with an odd B (ranges of 16 and 17) and B = 15 (not split)."""
+    module = _compiled()
+    args, grad = _inputs(batch, 9, 8, torch.float64, seed=batch)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        ranges = module.row_ranges(batch)
+        out, grads = _run(args, grad)
+        torch.set_num_threads(1)
+        assert module.row_ranges(batch) == 1
+        ref_out, ref_grads = _run(args, grad)
+    finally:
+        torch.set_num_threads(threads)
+    if module.parallel:  # built with torch's OpenMP runtime (lstm_kernel._openmp)
+        assert ranges == (2 if batch >= 16 else 1)
+    for got, want in zip((out, *grads), (ref_out, *ref_grads), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+
+
+def test_the_kernel_is_built_with_torchs_own_openmp_runtime():
+    """-fopenmp and the runtime torch loaded, linked by its path (the loader then reuses it: one
+    set of OpenMP threads); nothing for clang with GNU's runtime or without a known runtime; and
+    where the flags apply, the built kernel splits (`parallel`) and the process has one runtime."""
+    gomp, iomp = "/site/torch/lib/libgomp-a34b3233.so.1", "/opt/intel/lib/libiomp5.so"
+    mapped = {"/usr/lib/libc.so.6", gomp}
+    assert lstm_kernel.openmp_flags(mapped, lambda: False) == (["-fopenmp"], [gomp])
+    assert lstm_kernel.openmp_flags(mapped, lambda: True) == ([], [])
+    assert lstm_kernel.openmp_flags({iomp}, lambda: True) == (["-fopenmp"], [iomp])
+    assert lstm_kernel.openmp_flags({"/usr/lib/libc.so.6"}, lambda: False) == ([], [])
+    module = _compiled()
+    compile_flags, link_flags = lstm_kernel._openmp()
+    if compile_flags:
+        assert "-fopenmp" in lstm_kernel._flags() and module.parallel
+        runtimes = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines()
+                    if Path(line.split()[-1]).name.startswith(("libgomp", "libiomp5"))}
+        assert runtimes == {link_flags[0]}  # no second runtime came in with the kernel
+
+
 def test_the_encoder_runs_the_compiled_loops_forward_and_backward(monkeypatch):
     """On CPU in float32 both directions go through the kernel (a refactor that dropped it would
     pass every equality test); half precision and B = 0 take the Python loop."""
@@ -93,15 +135,19 @@ def _mkl():
     return library if hasattr(library, "MKL_Set_Num_Threads_Local") else None
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize(("batch", "hidden"), [(32, 32), (64, 128)])
-def test_small_products_leave_mkls_thread_count_as_it_was(batch, hidden):
+def test_small_products_leave_mkls_thread_count_as_it_was(batch, hidden, threads):
     """The kernel runs small per-step products on the calling thread (MKL's thread-local count set
-    to 1) and puts back the count the thread had: a leak would make every later product of the
-    training step single-threaded. The count set before the call (2) is the one found after."""
+    to 1) and puts back the count the thread had, with 1 torch thread and with 2 (the batch split
+    into row ranges): a leak would make every later product of the training step
+    single-threaded. The count set before the call (2) is the one found after."""
     module = _compiled()
     mkl = _mkl()
     if mkl is None:
         pytest.skip("torch's BLAS here is not MKL")
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
     # tensors first: torch's first operation on a thread resets that thread's MKL count
     acts = torch.randn(5, batch, 4 * hidden)
     w_hh = torch.randn(4 * hidden, hidden) * 0.1
@@ -116,6 +162,7 @@ def test_small_products_leave_mkls_thread_count_as_it_was(batch, hidden):
         assert mkl.MKL_Set_Num_Threads_Local(2) == 2
     finally:
         mkl.MKL_Set_Num_Threads_Local(previous)
+        torch.set_num_threads(saved_threads)
 
 
 def test_backward_refuses_states_of_the_wrong_shape_or_dtype():
@@ -216,7 +263,7 @@ def test_a_killed_builds_lock_is_cleared_and_builds_take_turns(monkeypatch, tmp_
 
     seen = {}
 
-    def load(name, sources, extra_cflags, build_directory, verbose):
+    def load(name, sources, extra_cflags, extra_ldflags, build_directory, verbose):
         seen.update(name=name, directory=build_directory, flags=extra_cflags, lock=(
             Path(build_directory) / "lock").exists())
         return "module"
@@ -262,7 +309,7 @@ def test_a_build_that_does_not_load_is_rebuilt_once(monkeypatch, tmp_path, caplo
     calls = []
     versions = cpp_extension.JIT_EXTENSION_VERSIONER.entries
 
-    def load(name, sources, extra_cflags, build_directory, verbose):
+    def load(name, sources, extra_cflags, extra_ldflags, build_directory, verbose):
         # torch builds a name once per process: a kept entry would only re-import the junk
         assert len(calls) == 0 or name not in versions
         versions[name] = "built in this process"
@@ -291,7 +338,7 @@ def test_another_checkout_with_the_same_kernel_reuses_the_build(monkeypatch, tmp
     build.ninja does not name this checkout (another checkout would rebuild it, ~1 minute)."""
     seen = []
 
-    def load(name, sources, extra_cflags, build_directory, verbose):
+    def load(name, sources, extra_cflags, extra_ldflags, build_directory, verbose):
         seen.append(sources)
         return "module"
 
