@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -57,46 +59,61 @@ def test_compiled_recurrence_equals_the_python_loop(monkeypatch, dtype, batch, s
         torch.testing.assert_close(got, want, **tol)
 
 
-@pytest.mark.parametrize("batch", [32, 33, 64, 15])
+def _splits():
+    """Whether this machine's kernel must split batches over threads: Linux, torch with OpenMP and
+    a compiler that can build against torch's runtime (then `parallel` must be True)."""
+    return bool(lstm_kernel._openmp()[0])
+
+
+@pytest.mark.parametrize("batch", [32, 33, 64, 24, 17, 16, 15])
 def test_rows_split_over_threads_give_the_one_thread_numbers(batch):
-    """With 2 torch threads a batch of >= 16 sequences is split into 2 row ranges (`row_ranges`),
-    each running all T steps on its own thread; outputs and gradients equal those of 1 thread (one
-    range) to 1e-12 in float64, with an odd B (ranges of 16 and 17) and B = 15 (not split)."""
+    """With 2 torch threads a batch of >= 16 sequences is split into 2 row ranges (>= 8 rows
+    each), run on 2 different threads, each range all T steps; outputs and gradients equal those
+    of 1 thread (one range) to 1e-12 in float64, also with uneven ranges (B = 17, 33) and B = 15
+    (not split)."""
     module = _compiled()
+    if _splits():  # built with torch's OpenMP runtime: the split must be on
+        assert module.parallel
     args, grad = _inputs(batch, 9, 8, torch.float64, seed=batch)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        ranges = module.row_ranges(batch)
+        ranges, ran_on = module.row_ranges(batch), module.range_threads(batch)
         out, grads = _run(args, grad)
         torch.set_num_threads(1)
-        assert module.row_ranges(batch) == 1
+        assert module.row_ranges(batch) == 1 and module.range_threads(batch) == [0]
         ref_out, ref_grads = _run(args, grad)
     finally:
         torch.set_num_threads(threads)
-    if module.parallel:  # built with torch's OpenMP runtime (lstm_kernel._openmp)
-        assert ranges == (2 if batch >= 16 else 1)
+    if module.parallel:
+        assert ranges == min(2, batch // 8) and sorted(ran_on) == list(range(ranges))
     for got, want in zip((out, *grads), (ref_out, *ref_grads), strict=True):
         torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
 
 
-def test_the_kernel_is_built_with_torchs_own_openmp_runtime():
-    """-fopenmp and the runtime torch loaded, linked by its path (the loader then reuses it: one
-    set of OpenMP threads); nothing for clang with GNU's runtime or without a known runtime; and
-    where the flags apply, the built kernel splits (`parallel`) and the process has one runtime."""
+def test_the_kernel_is_built_with_torchs_own_openmp_runtime(monkeypatch):
+    """-fopenmp and the runtime libtorch_cpu itself uses, linked by its path (the loader then
+    reuses it: one set of OpenMP threads), even when another package's runtime (scikit-learn's)
+    was mapped first; nothing for clang with GNU's runtime or for an unknown runtime; the build
+    directory changes with the flags."""
+    import sklearn.metrics  # noqa: F401  (maps scikit-learn's own libgomp-*.so)
+
     gomp, iomp = "/site/torch/lib/libgomp-a34b3233.so.1", "/opt/intel/lib/libiomp5.so"
-    mapped = {"/usr/lib/libc.so.6", gomp}
-    assert lstm_kernel.openmp_flags(mapped, lambda: False) == (["-fopenmp"], [gomp])
-    assert lstm_kernel.openmp_flags(mapped, lambda: True) == ([], [])
-    assert lstm_kernel.openmp_flags({iomp}, lambda: True) == (["-fopenmp"], [iomp])
-    assert lstm_kernel.openmp_flags({"/usr/lib/libc.so.6"}, lambda: False) == ([], [])
-    module = _compiled()
-    compile_flags, link_flags = lstm_kernel._openmp()
-    if compile_flags:
-        assert "-fopenmp" in lstm_kernel._flags() and module.parallel
-        runtimes = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines()
-                    if Path(line.split()[-1]).name.startswith(("libgomp", "libiomp5"))}
-        assert runtimes == {link_flags[0]}  # no second runtime came in with the kernel
+    assert lstm_kernel.openmp_flags(gomp, lambda: False) == (("-fopenmp",), (gomp,))
+    assert lstm_kernel.openmp_flags(gomp, lambda: True) == ((), ())
+    assert lstm_kernel.openmp_flags(iomp, lambda: True) == (("-fopenmp",), (iomp,))
+    assert lstm_kernel.openmp_flags("/usr/lib/libc.so.6", lambda: False) == ((), ())
+    assert lstm_kernel.openmp_flags(None, lambda: False) == ((), ())
+    runtime = lstm_kernel.torch_openmp_runtime()
+    if platform.system() == "Linux" and torch.backends.openmp.is_available() and shutil.which("ldd"):
+        torch_lib = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
+        listing = subprocess.run(["ldd", str(torch_lib)], capture_output=True, text=True).stdout
+        linked = {line.split("=>")[-1].split("(")[0].strip() for line in listing.splitlines()
+                  if "omp" in line.split("=>")[0]}
+        assert runtime is not None and Path(runtime).resolve() in {Path(p).resolve() for p in linked}
+    directory = lstm_kernel.build_directory()
+    monkeypatch.setattr(lstm_kernel, "_openmp", lambda: ((), ()))
+    assert lstm_kernel.build_directory() != directory
 
 
 def test_the_encoder_runs_the_compiled_loops_forward_and_backward(monkeypatch):

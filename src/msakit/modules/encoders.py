@@ -146,9 +146,10 @@ class _Recurrence(torch.autograd.Function):
     bias alone at the others (a zero frame).
 
     On CPU in float32/float64 both loops run compiled (`lstm_kernel`: per step one BLAS product
-    and one fused elementwise pass, the batch's rows split over the threads; recurrence forward +
-    backward, 2 threads, at LMF's sizes 19.1 vs 35.9 ms, at TFN's 1.5 vs 7.0 ms); elsewhere, or where it cannot be built, the Python loops below
-    (same formulas; float32 results agree to rounding, float64 to ~1e-12).
+    and one fused elementwise pass, the batch's rows split over the threads; recurrence
+    forward + backward, 2 threads, at LMF's sizes 19.1 vs 35.9 ms, at TFN's 1.5 vs 7.0 ms,
+    measured when the split was added); elsewhere, or where it cannot be built, the Python loops
+    below (same formulas; float32 results agree to rounding, float64 to ~1e-12).
     Python forward: the gate buffer is filled once (bias, then the real frames added), then per step
     one in-place addmm and eight elementwise kernels writing into preallocated buffers (tanh of
     g on a contiguous copy: over the strided gate slice it ran ~3x slower). Backward: per step

@@ -15,18 +15,23 @@ Why compiled code: the recurrence is T dependent steps, each one small matrix pr
 dozen elementwise kernels; at the sizes of MSA models (B = 32-64, H = 32-128) those kernels
 cost their Python and dispatch overhead, not their arithmetic. No library runs a packed LSTM's
 training step fused on CPU (nn.LSTM's oneDNN path runs over the padding and computes the
-gradient of the input, which is data here). Measured at commit time (forward + backward of the
-recurrence, 2 threads, 7 alternating rounds): B = 64, T = 50, H = 128 (LMF) 21.6 vs 32.7 ms;
-B = 32, T = 50, H = 32 (TFN) 2.6 vs 8.0 ms (remeasured at 05a4e99: 2.5 vs 9.0 and 22.4 vs 34.4).
+gradient of the input, which is data here). Measured at commit time, before the row split below
+(forward + backward of the recurrence, 2 threads, 7 alternating rounds): B = 64, T = 50, H = 128
+(LMF) 21.6 vs 32.7 ms; B = 32, T = 50, H = 32 (TFN) 2.6 vs 8.0 ms (remeasured at 05a4e99: 2.5
+vs 9.0 and 22.4 vs 34.4).
 
-Threads: the B sequences are independent, so with n torch threads the batch is split into n row
-ranges of >= 8 rows (`row_ranges(B)`), each running all T steps with sequential products on its
-own OpenMP thread: no synchronisation between steps. Measured when added (same benchmark, 7
-alternating rounds, split vs not vs Python): LMF 19.1 vs 22.5 vs 35.9 ms; TFN 1.5 vs 1.7 vs 7.0
-ms; TFN at batch 128 5.6 vs 7.7 vs 18.8 ms (inside training 2-10% of an epoch, within this
-machine's noise at TFN's batch 32). The results equal one range's (tested to 1e-12 in float64).
-The split needs the extension built with -fopenmp and linked against the OpenMP runtime torch
-itself loaded (`_openmp`); elsewhere the batch is one range and MKL splits each product.
+Threads: the B sequences are independent, so with n torch threads the batch is split into
+min(n, B // 8) row ranges (`row_ranges(B)`), each running all T steps with sequential products on
+its own OpenMP thread: no synchronisation between steps. Measured when added (same benchmark,
+alternating rounds, medians, split vs one range vs Python): LMF 19.1 vs 22.5 vs 35.9 ms; TFN 1.5
+vs 1.7 vs 7.0 ms; TFN at B = 128 5.6 vs 7.7 vs 18.8 ms; a reviewer's two reruns (9 rounds): LMF
+17.8-19.4 vs 19.9-22.7 vs 30.9-34.7, TFN 1.9-2.4 vs 2.1-2.7 vs 8.1-9.7, B = 128 4.9-6.1 vs
+6.6-7.9 vs 15.5-17.8. Inside training 2-10% of an epoch (TFN at batch 32: within this machine's
+noise). With more torch threads than cores (4 on 2) TFN's sizes ran 0.83-0.90x as fast as with
+one range. The results equal one range's (tested to 1e-12 in float64; bitwise in float32 at every
+size timed). The split needs the extension built with -fopenmp and linked against the OpenMP
+runtime libtorch_cpu itself uses (`_openmp`); elsewhere the batch is one range and MKL splits
+each product.
 Per-step products below 2^20 multiply-adds (TFN's, not LMF's) run on the calling thread where
 torch's BLAS is MKL (its thread-local count, put back after): MKL splits them over 2 threads, and
 how much that synchronisation costs depends on the machine's state. Inside TFN's training, 2
@@ -49,6 +54,7 @@ import sys
 import sysconfig
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -97,34 +103,55 @@ def _flags() -> list[str]:
         flags.append("-mno-recip")
         if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
             flags += ["-mavx2", "-mfma"]
-    return flags + _openmp()[0]
+    return flags + list(_openmp()[0])
 
 
 @functools.cache
-def _openmp() -> tuple[list[str], list[str]]:
+def _openmp() -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(compile flags, link flags) that let the kernel's at::parallel_for run on torch's own
-    OpenMP threads (`openmp_flags` on the libraries this process has mapped); ([], []) where
-    torch has no OpenMP or off Linux (no /proc/self/maps)."""
+    OpenMP threads: `openmp_flags` for the runtime libtorch_cpu itself uses (`torch_openmp_runtime`);
+    ((), ()) where torch has no OpenMP or that runtime cannot be found."""
     if not torch.backends.openmp.is_available():
-        return [], []
+        return (), ()
+    return openmp_flags(torch_openmp_runtime(), _is_clang)
+
+
+def torch_openmp_runtime() -> str | None:
+    """Path of the OpenMP library whose `omp_get_max_threads` libtorch_cpu resolves (looked up
+    in libtorch_cpu's own dependency scope, then `dladdr`), or None (no libtorch_cpu.so, a libc
+    without dladdr, symbol absent). Not a scan of the mapped libraries: other packages bring their
+    own runtimes (scikit-learn's libgomp-*.so), and which of them comes first depends on import
+    order."""
+    import ctypes
+    import ctypes.util
+
+    class _DlInfo(ctypes.Structure):
+        _fields_ = [("fname", ctypes.c_char_p), ("fbase", ctypes.c_void_p),
+                    ("sname", ctypes.c_char_p), ("saddr", ctypes.c_void_p)]
+
+    library = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
     try:
-        maps = Path("/proc/self/maps").read_text()
-    except OSError:
-        return [], []
-    mapped = {line.split()[-1] for line in maps.splitlines() if "/" in line}
-    return openmp_flags(mapped, _is_clang)
+        symbol = ctypes.cast(ctypes.CDLL(str(library)).omp_get_max_threads, ctypes.c_void_p)
+        libc = ctypes.CDLL(None)
+        dladdr = libc.dladdr if hasattr(libc, "dladdr") else ctypes.CDLL(ctypes.util.find_library("dl")).dladdr
+    except (OSError, AttributeError, TypeError):
+        return None
+    info = _DlInfo()
+    if not dladdr(symbol, ctypes.byref(info)) or not info.fname:
+        return None
+    return os.fsdecode(info.fname)
 
 
-def openmp_flags(mapped: set[str], is_clang) -> tuple[list[str], list[str]]:
-    """-fopenmp and the OpenMP runtime among the `mapped` library paths, linked by its path so
-    that the loader reuses that library (same soname) instead of starting a second runtime with
-    its own threads. ([], []) when none is GNU's (libgomp*) or Intel's (libiomp5*, which also
-    exports GNU's GOMP_* entry points), and for GNU's runtime when `is_clang()` (clang's -fopenmp
+def openmp_flags(runtime: str | None, is_clang: Callable[[], bool]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """-fopenmp and `runtime` linked by its path, so that the loader reuses that library (same
+    soname) instead of starting a second runtime with its own threads. ((), ()) without a
+    runtime, for one that is not GNU's (libgomp*), LLVM's (libomp*) or Intel's (libiomp5*; both
+    also export GNU's GOMP_* entry points), and for GNU's when `is_clang()` (clang's -fopenmp
     calls __kmpc_*, which libgomp lacks)."""
-    runtimes = sorted(p for p in mapped if Path(p).name.startswith(("libgomp", "libiomp5")))
-    if not runtimes or (Path(runtimes[0]).name.startswith("libgomp") and is_clang()):
-        return [], []
-    return ["-fopenmp"], [runtimes[0]]
+    name = Path(runtime).name if runtime else ""
+    if not name.startswith(("libgomp", "libomp", "libiomp5")) or (name.startswith("libgomp") and is_clang()):
+        return (), ()
+    return ("-fopenmp",), (runtime,)
 
 
 def _is_clang() -> bool:
@@ -194,7 +221,7 @@ def _build() -> ModuleType | None:
                     os.replace(source.with_suffix(".tmp"), source)
                 try:
                     module = cpp_extension.load("msakit_lstm", [str(source)], extra_cflags=flags,
-                                                extra_ldflags=_openmp()[1], build_directory=str(directory),
+                                                extra_ldflags=list(_openmp()[1]), build_directory=str(directory),
                                                 verbose=False)
                 except ImportError as error:
                     if attempt == 2:
