@@ -59,12 +59,6 @@ def test_compiled_recurrence_equals_the_python_loop(monkeypatch, dtype, batch, s
         torch.testing.assert_close(got, want, **tol)
 
 
-def _splits():
-    """Whether this machine's kernel must split batches over threads: Linux, torch with OpenMP and
-    a compiler that can build against torch's runtime (then `parallel` must be True)."""
-    return bool(lstm_kernel._openmp()[0])
-
-
 @pytest.mark.parametrize("batch", [32, 33, 64, 24, 17, 16, 15])
 def test_rows_split_over_threads_give_the_one_thread_numbers(batch):
     """With 2 torch threads a batch of >= 16 sequences is split into 2 row ranges (>= 8 rows
@@ -72,7 +66,7 @@ def test_rows_split_over_threads_give_the_one_thread_numbers(batch):
     of 1 thread (one range) to 1e-12 in float64, also with uneven ranges (B = 17, 33) and B = 15
     (not split)."""
     module = _compiled()
-    if _splits():  # built with torch's OpenMP runtime: the split must be on
+    if lstm_kernel._openmp()[0]:  # built with torch's OpenMP runtime: the split must be on
         assert module.parallel
     args, grad = _inputs(batch, 9, 8, torch.float64, seed=batch)
     threads = torch.get_num_threads()
@@ -106,8 +100,8 @@ def test_the_kernel_is_built_with_torchs_own_openmp_runtime(monkeypatch):
     assert lstm_kernel.openmp_flags(None, lambda: False) == ((), ())
     runtime = lstm_kernel.torch_openmp_runtime()
     if platform.system() == "Linux" and torch.backends.openmp.is_available() and shutil.which("ldd"):
-        torch_lib = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
-        listing = subprocess.run(["ldd", str(torch_lib)], capture_output=True, text=True).stdout
+        listing = subprocess.run(["ldd", str(lstm_kernel.TORCH_CPU_LIBRARY)], capture_output=True,
+                                 text=True).stdout
         linked = {line.split("=>")[-1].split("(")[0].strip() for line in listing.splitlines()
                   if "omp" in line.split("=>")[0]}
         assert runtime is not None and Path(runtime).resolve() in {Path(p).resolve() for p in linked}
@@ -148,7 +142,7 @@ def _mkl():
     not MKL."""
     import ctypes
 
-    library = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+    library = ctypes.CDLL(str(lstm_kernel.TORCH_CPU_LIBRARY))
     return library if hasattr(library, "MKL_Set_Num_Threads_Local") else None
 
 

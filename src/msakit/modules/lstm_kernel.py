@@ -63,6 +63,8 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("lstm_kernel.cpp")
+#: torch's CPU library: its BLAS (MKL's service functions) and its OpenMP runtime
+TORCH_CPU_LIBRARY = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
 _lock = threading.Lock()
 _state: dict[str, ModuleType | None] = {}
 
@@ -129,9 +131,8 @@ def torch_openmp_runtime() -> str | None:
         _fields_ = [("fname", ctypes.c_char_p), ("fbase", ctypes.c_void_p),
                     ("sname", ctypes.c_char_p), ("saddr", ctypes.c_void_p)]
 
-    library = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
     try:
-        symbol = ctypes.cast(ctypes.CDLL(str(library)).omp_get_max_threads, ctypes.c_void_p)
+        symbol = ctypes.cast(ctypes.CDLL(str(TORCH_CPU_LIBRARY)).omp_get_max_threads, ctypes.c_void_p)
         libc = ctypes.CDLL(None)
         dladdr = libc.dladdr if hasattr(libc, "dladdr") else ctypes.CDLL(ctypes.util.find_library("dl")).dladdr
     except (OSError, AttributeError, TypeError):
