@@ -175,6 +175,15 @@ def test_a_run_failing_on_its_arguments_leaves_no_folder(tmp_path, capsys, argv)
     assert not out.exists()
 
 
+def test_a_run_asking_for_a_missing_gpu_leaves_no_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "new" / "run"
+    assert main(["train", "--out", str(out), "--device", "cuda", "--epochs", "1", *SMALL]) == 2
+    assert "train.device='cuda' but no CUDA device is available" in last_error(capsys)
+    assert not out.exists()
+    assert main(["train", "--out", str(out), "--device", "cpu", "--epochs", "1", *SMALL]) == 0
+
+
 def test_stale_temporary_files_are_removed_at_the_next_start(two_seed_run, tmp_path):
     out = copy_of(two_seed_run, tmp_path)
     stale = [out / "seed_1" / ".last.pt.abc123.tmp", out / ".results.json.x9.tmp"]

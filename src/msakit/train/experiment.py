@@ -24,7 +24,7 @@ from msakit.data import MultimodalData, load_dataset
 from msakit.metrics import aggregate_seeds
 from msakit.train import distributed
 from msakit.train.checkpoint import CheckpointError, load_checkpoint, write_json, write_text
-from msakit.train.loop import SeedResult, fit, selection_rule
+from msakit.train.loop import SeedResult, fit, resolve_device, selection_rule
 from msakit.train.runfolder import Interrupted, RunFolder, data_fingerprint
 
 log = logging.getLogger(__name__)
@@ -56,11 +56,13 @@ def run_experiment(
     """Train and evaluate `cfg` once per seed; return (and write) the results dict.
 
     Raises RunFolderError (folder locked by another run, holding another run without
-    `overwrite`, or a resume that does not match the folder's run) before writing anything, and
+    `overwrite`, or a resume that does not match the folder's run) and TrainingError (a
+    `train.device` this machine lacks) before writing anything, and
     `Interrupted` (a KeyboardInterrupt) on Ctrl-C, leaving the folder resumable."""
     out_dir = Path(out_dir)
     cfg = absolute_data_paths(cfg)
     main = distributed.main_process()  # torchrun: rank 0 owns the folder and writes; others train
+    resolve_device(cfg.train.device)  # before the folder exists: a missing GPU leaves nothing behind
     with RunFolder(out_dir) if main else contextlib.nullcontext() as folder:
         if main:
             folder.check(cfg, resume, overwrite)
