@@ -36,6 +36,19 @@ def test_train_with_flags_seeds_and_eval(tmp_path, capsys):
     assert evaluated["mae"] == pytest.approx(results["per_seed"][0]["test"]["mae"], abs=1e-6)
     assert "mae" in capsys.readouterr().out
 
+    # existing output files are refused before any work, never clobbered; --overwrite replaces
+    checkpoint = out / "seed_3" / "best.pt"
+    before = {p: p.read_bytes() for p in (checkpoint, metrics_file)}
+    for flag, target in (("--predictions", checkpoint), ("--out", metrics_file)):
+        assert main(["eval", "--checkpoint", str(checkpoint), "--split", "valid", flag, str(target)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.splitlines() == [f"msakit: error: {flag} {target}: exists; pass --overwrite to replace it, "
+                                    "or give another file"]
+    assert {p: p.read_bytes() for p in before} == before
+    assert main(["eval", "--checkpoint", str(checkpoint), "--split", "valid", "--out", str(metrics_file),
+                 "--overwrite"]) == 0
+    assert json.loads(metrics_file.read_text()) != evaluated  # the valid split's metrics now
+
 
 def test_config_file_and_resume(tmp_path):
     config = tmp_path / "exp.yaml"

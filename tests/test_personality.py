@@ -124,6 +124,29 @@ def test_bad_csv_is_a_one_line_error_naming_file_and_column(tmp_path, capsys, bo
     assert not (tmp_path / "out").exists()
 
 
+def test_an_occupied_out_folder_is_refused_before_any_work(fitted_head, tmp_path, capsys):
+    write_csv(tmp_path / "t.csv", rows=12)
+    before = {name: (fitted_head / name).read_bytes() for name in (HEAD_FILE, META_FILE)}
+    assert main(fit_args(tmp_path / "t.csv", fitted_head)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"msakit: error: --out {fitted_head}: already holds {HEAD_FILE} and {META_FILE}; pass "
+                   "--overwrite to replace that head, or give another folder")
+    assert {name: (fitted_head / name).read_bytes() for name in before} == before
+    run = tmp_path / "run"
+    (run / "seed_1").mkdir(parents=True)
+    for extra in ([], ["--overwrite"]):  # a training run's folder is never a head's
+        assert main(fit_args(tmp_path / "t.csv", run, *extra)) == 2
+        assert capsys.readouterr().err.strip().endswith(f"--out {run}: holds a training run; give the head "
+                                                        "a folder of its own")
+    assert sorted(p.name for p in run.iterdir()) == ["seed_1"]
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name, data in before.items():
+        (copy / name).write_bytes(data)
+    assert main(fit_args(tmp_path / "t.csv", copy, "--overwrite")) == 0
+    assert json.loads((copy / META_FILE).read_text())["rows"] == 12
+
+
 def test_missing_csv_file(tmp_path, capsys):
     assert main(fit_args(tmp_path / "nope.csv", tmp_path / "out")) == 2
     err = capsys.readouterr().err

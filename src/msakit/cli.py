@@ -76,12 +76,15 @@ def _resume_tree(out: Path, tree: dict, model: str | None) -> dict:
     return _merged(saved, tree)
 
 
-def _check_out(path: Path, flag: str, folder: bool) -> None:
-    """Refuse an output path of the wrong kind before any work is done."""
+def _check_out(path: Path, flag: str, folder: bool, overwrite: bool = True) -> None:
+    """Refuse an output path of the wrong kind, or (overwrite=False) an existing output file,
+    before any work is done."""
     if folder and path.exists() and not path.is_dir():
         raise ConfigError(f"{flag} {path}: exists and is not a folder")
     if not folder and path.is_dir():
-        raise ConfigError(f"{flag} {path}: is a folder; give a file name for the JSON metrics")
+        raise ConfigError(f"{flag} {path}: is a folder; give a file name")
+    if not folder and not overwrite and path.exists():
+        raise ConfigError(f"{flag} {path}: exists; pass --overwrite to replace it, or give another file")
 
 
 def _run_overrides(args: argparse.Namespace) -> list[str]:
@@ -153,8 +156,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from msakit.evaluate import evaluate_checkpoint
     from msakit.train.checkpoint import write_json
 
-    if args.out:
-        _check_out(Path(args.out), "--out", folder=False)
+    for flag, path in (("--out", args.out), ("--predictions", args.predictions)):
+        if path:
+            _check_out(Path(path), flag, folder=False, overwrite=args.overwrite)
     result = evaluate_checkpoint(args.checkpoint, _data_overrides(args), split=args.split,
                                  predictions=args.predictions)
     print(f"\n{result.model} ({args.checkpoint}) on {result.dataset}, {result.split} split")
@@ -297,7 +301,7 @@ def cmd_personality(args: argparse.Namespace) -> int:
         args.csv, args.text_column, args.trait_columns, args.encoder, args.out,
         epochs=args.epochs, lr=args.lr, hidden=args.hidden, batch_size=args.batch_size,
         valid_fraction=args.valid_fraction, seed=args.seed, max_length=args.max_length,
-        pooling=args.pooling,
+        pooling=args.pooling, overwrite=args.overwrite,
     )
     scores = ", ".join(f"{k} {meta[k]:.4f}" for k in ("train_mse", "valid_mse") if k in meta)
     print(f"Big-Five head on {meta['rows']} rows over {meta['encoder_description']} "
@@ -403,6 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default="test", choices=["train", "valid", "test"])
     evaluate.add_argument("--out", help="write the metrics to this JSON file")
     evaluate.add_argument("--predictions", metavar="CSV", help="write the split's per-sample predictions here")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace an existing --out or --predictions file")
     evaluate.set_defaults(handler=cmd_eval)
 
     analyze = _subparser(commands, "analyze", "modality Shapley contributions of a checkpoint",
@@ -481,6 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="openness, conscientiousness, extraversion, agreeableness, neuroticism")
     fit.add_argument("--encoder", default="minilm", help="minilm, tiny or a local model folder")
     fit.add_argument("--out", required=True, help="folder for head.pt and personality.json")
+    fit.add_argument("--overwrite", action="store_true", help="replace the head already in --out")
     fit.add_argument("--epochs", type=int, default=100)
     fit.add_argument("--lr", type=float, default=1e-3)
     fit.add_argument("--hidden", type=int, default=64, help="hidden units of the head (0: linear)")

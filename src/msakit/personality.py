@@ -37,6 +37,7 @@ from torch import nn
 
 from msakit.config import ConfigError
 from msakit.data.base import DataError
+from msakit.train.checkpoint import save_checkpoint, write_json
 
 log = logging.getLogger(__name__)
 
@@ -151,9 +152,14 @@ def fit_personality_head(
     seed: int = 0,
     max_length: int = 50,
     pooling: str = "auto",
+    overwrite: bool = False,
 ) -> dict:
     """Fit a Big-Five head on frozen `encoder` embeddings of the CSV's texts; write head.pt and
-    personality.json into `out_dir`; return the metadata (with train/valid MSE)."""
+    personality.json into `out_dir` (each atomically); return the metadata (with train/valid MSE).
+    Raises ConfigError before any work when `out_dir` is a file or a training run's folder, or
+    already holds a head and `overwrite` is False."""
+    out_dir = Path(out_dir)
+    check_out_dir(out_dir, overwrite)
     for flag, value, ok, rule in (
         ("--epochs", epochs, epochs >= 1, ">= 1"),
         ("--lr", lr, math.isfinite(lr) and lr > 0, "a finite number > 0"),
@@ -224,11 +230,24 @@ def fit_personality_head(
         "seed": seed,
         **scores,
     }
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    torch.save({k: v.detach().cpu() for k, v in head.state_dict().items()}, out_dir / HEAD_FILE)
-    (out_dir / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    save_checkpoint({k: v.detach().cpu() for k, v in head.state_dict().items()}, out_dir / HEAD_FILE)
+    write_json(meta, out_dir / META_FILE)
     return meta
+
+
+def check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """Refuse (ConfigError) an --out that is a file or a training run's folder, or that already
+    holds a head (head.pt / personality.json) unless `overwrite`."""
+    from msakit.train.runfolder import holds_run
+
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {out_dir}: exists and is not a folder")
+    if holds_run(out_dir):
+        raise ConfigError(f"--out {out_dir}: holds a training run; give the head a folder of its own")
+    held = [name for name in (HEAD_FILE, META_FILE) if (out_dir / name).exists()]
+    if held and not overwrite:
+        raise ConfigError(f"--out {out_dir}: already holds {' and '.join(held)}; pass --overwrite to "
+                          "replace that head, or give another folder")
 
 
 def load_personality_head(folder: str | Path) -> tuple[BigFiveHead, dict]:
