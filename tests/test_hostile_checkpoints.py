@@ -116,8 +116,21 @@ def test_unpicklable_checkpoint_is_one_line(tmp_path, capsys):
 
     path = tmp_path / "evil.pt"
     torch.save({"format": 1, "model": Evil()}, path)
-    _eval_fails(path, capsys, "not a readable msakit checkpoint")
+    err = _eval_fails(path, capsys, "not a readable msakit checkpoint (the weights-only reader refused it: "
+                      "Trying to load unsupported GLOBAL posix.system whose module posix is blocked)")
     assert not (tmp_path / "pwned").exists()
+    assert "weights_only" not in err  # not torch's advice to load it unsafely
+
+
+@pytest.mark.parametrize("content, reason", [
+    (bytes(range(256)) * 20, "(the weights-only reader refused it: Unsupported operand "),
+    (b"hello world\n", "(KeyError: "),
+])
+def test_a_file_that_is_no_checkpoint_is_one_line_without_warnings(tmp_path, capsys, content, reason):
+    path = tmp_path / "random.pt"
+    path.write_bytes(content)
+    err = _eval_fails(path, capsys, f"{path}: not a readable msakit checkpoint {reason}")
+    assert "weights_only" not in err and "Warning" not in err
 
 
 @pytest.mark.parametrize(

@@ -37,7 +37,7 @@ from torch import nn
 
 from msakit.config import ConfigError
 from msakit.data.base import DataError
-from msakit.train.checkpoint import save_checkpoint, write_json
+from msakit.train.checkpoint import load_failure, quiet_load, save_checkpoint, write_json
 
 log = logging.getLogger(__name__)
 
@@ -273,12 +273,11 @@ def load_personality_head(folder: str | Path) -> tuple[BigFiveHead, dict]:
         if not isinstance(meta.get(key), str):
             raise ConfigError(f"{folder / META_FILE}: {key!r} must be a string")
     try:
-        state = torch.load(folder / HEAD_FILE, map_location="cpu", weights_only=True)
+        state = quiet_load(folder / HEAD_FILE)
     except MemoryError:
         raise ConfigError(f"{folder / HEAD_FILE}: cannot load the personality head (out of memory)") from None
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, ... on bad or unsafe files
-        detail = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"{folder / HEAD_FILE}: cannot load the personality head ({detail})") from None
+        raise ConfigError(f"{folder / HEAD_FILE}: cannot load the personality head ({load_failure(e)})") from None
     with torch.device("meta"):
         check_weights(state, BigFiveHead(meta["embedding_dim"], meta["hidden"]), f"{folder / HEAD_FILE}")
     head = BigFiveHead(meta["embedding_dim"], meta["hidden"])

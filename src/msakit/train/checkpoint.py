@@ -7,6 +7,7 @@ import errno
 import json
 import math
 import os
+import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -61,6 +62,33 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     _atomic_write(Path(path), lambda handle: torch.save(state, handle))
 
 
+def quiet_load(path: Path) -> Any:
+    """torch.load(path, weights_only=True) onto the CPU, without torch's warnings (a text file read
+    as a pickle warns about its protocol before failing)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_failure(error: Exception) -> str:
+    """Why `torch.load(..., weights_only=True)` failed, in a few words: the weights-only reader's
+    own reason ("Unsupported global: GLOBAL print was not an allowed global by default") without
+    torch's surrounding advice (which suggests loading with weights_only=False), else the
+    exception type and the first line of its message."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+    if text.startswith("Weights only load failed"):
+        advice = ("Weights only load failed", "weights_only", "Please file an issue", "Check the documentation")
+        kept = []
+        for line in text.splitlines():
+            line = line.split("WeightsUnpickler error:", 1)[-1].strip()
+            if line and not any(marker in line for marker in advice):
+                kept.append(line)
+        reason = " ".join(kept).split(" Please use", 1)[0].rstrip(".")
+        return f"the weights-only reader refused it: {reason[:200] or 'not only tensors and plain data'}"
+    lines = text.strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read and check an msakit checkpoint (best.pt / last.pt) without building anything real.
 
@@ -75,12 +103,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = quiet_load(path)
     except MemoryError:
         raise CheckpointError(f"{path}: not a readable msakit checkpoint (out of memory)") from None
     except Exception as e:  # torch raises several types for corrupt/unsafe files
-        first_line = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: not a readable msakit checkpoint ({first_line})") from None
+        raise CheckpointError(f"{path}: not a readable msakit checkpoint ({load_failure(e)})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not an msakit checkpoint (format {CHECKPOINT_FORMAT})")
     check_checkpoint_state(state, path)
