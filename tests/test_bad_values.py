@@ -76,8 +76,24 @@ def test_bad_flags(tmp_path, capsys):
     _fails(capsys, ["train", "--device", "foo", "--out", str(tmp_path / "r")], "train.device must be cpu, cuda")
     _fails(capsys, ["train", "--seeds", "-3", "--out", str(tmp_path / "r")], "train.seeds[0] must be in [0,")
     capsys.readouterr()
-    assert main(["train", "--epochs", "many"]) == 2  # argparse: usage + one error line, no exit
-    assert "argument --epochs: invalid int value: 'many'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["train", "--epochs", "many"], "msakit train: error: argument --epochs: invalid int value: 'many' "
+                                    "(see msakit train --help)"),
+    (["train", "--epcohs", "3"], "msakit train: error: unrecognized arguments: --epcohs 3 (did you mean "
+                                 "'--epochs'?) (see msakit train --help)"),
+    (["eval", "--split", "tset"], "msakit eval: error: argument --split: invalid choice: 'tset' (choose from "
+                                  "'train', 'valid', 'test') (did you mean 'test'?) (see msakit eval --help)"),
+    (["personality", "fit", "--csv", "x", "--out", "y", "--trait-column", "a", "b", "c", "d", "e", "--seeed", "1"],
+     "msakit personality fit: error: unrecognized arguments: --seeed 1 (did you mean '--seed'?) "
+     "(see msakit personality fit --help)"),
+    (["trian"], "did you mean 'train'?) (see msakit --help)"),
+])
+def test_argument_errors_are_one_line_from_the_command_they_reach(capsys, argv, line):
+    assert main(argv) == 2  # argparse's SystemExit turned into the status, no raise
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.endswith(line), err
 
 
 def test_huge_model_is_refused_before_it_is_built(tmp_path, capsys):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from msakit.data import DataError, list_datasets
 from msakit.media import MediaError
 from msakit.metrics import format_table
 from msakit.registry import list_models
+from msakit.suggest import did_you_mean
 from msakit.train.checkpoint import CheckpointError
 from msakit.train.loop import TrainingError
 from msakit.train.runfolder import RunFolderError, resume_tree
@@ -367,6 +369,30 @@ examples:
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `msakit train: error: <problem> (see msakit train --help)`,
+    status 2, instead of the usage text and then the problem."""
+
+    def error(self, message: str):
+        choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        hint = did_you_mean(choice[1], re.findall(r"'([^']*)'", choice[2])) if choice else ""
+        self.exit(2, f"{self.prog}: error: {message}{hint} (see {self.prog} --help)\n")
+
+    def innermost(self, argv: list[str]) -> _Parser:
+        """The (sub)command parser the command line reaches: `msakit personality fit ...` -> fit's."""
+        parser = self
+        for token in argv:
+            choices = parser._subparsers._group_actions[0].choices if parser._subparsers else {}
+            parser = choices.get(token, parser)
+        return parser
+
+    def unknown(self, extra: list[str]):
+        """Refuse arguments no flag takes, suggesting the closest flag for a misspelt one."""
+        flags = [a for a in extra if a.startswith("-")]
+        hint = did_you_mean(flags[0].split("=")[0], self._option_string_actions) if flags else ""
+        self.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
+
+
 def _subparser(commands, name: str, help: str, examples: str = "") -> argparse.ArgumentParser:
     """A subcommand that also accepts -v/--quiet after its name and shows runnable examples."""
     parser = commands.add_parser(name, help=help, description=help, epilog=examples or None,
@@ -378,7 +404,7 @@ def _subparser(commands, name: str, help: str, examples: str = "") -> argparse.A
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="msakit", description="Multimodal sentiment analysis toolkit",
+    parser = _Parser(prog="msakit", description="Multimodal sentiment analysis toolkit",
                                      epilog="`msakit COMMAND --help` shows each command's examples")
     parser.add_argument("--version", action="version", version=f"msakit {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -539,8 +565,10 @@ def _error_line(error: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # argparse printed the usage and its one-line error: status 2, no raise
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # reported by the subcommand's parser, which knows its flags
+            parser.innermost(argv if argv is not None else sys.argv[1:]).unknown(extra)
+    except SystemExit as e:  # argparse printed its one-line error: status 2, no raise
         if e.code in (0, None):  # --help / --version
             raise
         return 2
