@@ -292,5 +292,9 @@ def test_mosi_labels_csv_with_a_non_numeric_label(shared_data_dir, tmp_path, cap
     lines[3] = lines[3].rsplit(",", 2)[0] + ",very positive,train"
     (root / "mosi-labels" / "label.csv").write_text("\n".join(lines) + "\n")
     _fails(capsys, ["train", "--dataset", "mosi-poria", "--data-root", str(root), "--out", str(tmp_path / "r")],
-           "label.csv: line 4 (clip ", "label 'very positive' is not a real number")
+           "label.csv: line 4 (clip ", "label 'very positive' is not a real number (1 such rows)")
+    lines[3] = lines[3].rsplit(",", 2)[0] + ",,train"  # a row cut short: no label at all
+    (root / "mosi-labels" / "label.csv").write_text("\n".join(lines) + "\n")
+    _fails(capsys, ["train", "--dataset", "mosi-poria", "--data-root", str(root), "--out", str(tmp_path / "r")],
+           "label.csv: line 4 (clip ", "): has no label (1 such rows)")
     shutil.rmtree(root)

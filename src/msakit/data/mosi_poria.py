@@ -97,9 +97,9 @@ def _continuous_labels(table: pd.DataFrame, path: Path) -> dict[str, float]:
     values = pd.to_numeric(table["label"], errors="coerce").to_numpy(dtype=np.float64)
     bad = np.flatnonzero(~np.isfinite(values))
     if len(bad):
-        k = bad[0]
-        raise DataError(f"{path}: line {k + 2} (clip {ids[k]}): label {table['label'].iloc[k]!r} "
-                        f"is not a real number ({len(bad)} such rows)")
+        k, raw = bad[0], table["label"].iloc[bad[0]]
+        problem = "has no label" if pd.isna(raw) else f"label {str(raw)!r} is not a real number"
+        raise DataError(f"{path}: line {k + 2} (clip {ids[k]}): {problem} ({len(bad)} such rows)")
     labels: dict[str, float] = {}
     for row, (clip, value) in enumerate(zip(ids, values, strict=True)):
         if labels.setdefault(clip, value) != value:
