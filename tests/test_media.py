@@ -166,6 +166,11 @@ def test_extract_train_predict_end_to_end(clips, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert code == 0 and "bad clip corrupt: cannot decode" in printed
     assert "10 clips: 8 written (train 4, valid 2, test 2), 2 left out" in printed
+    written = out.read_bytes()
+    assert main(["extract", "--videos", str(clips / "media"), "--out", str(out), "--quiet"]) == 2  # never clobbered
+    assert capsys.readouterr().err.strip() == (f"msakit: error: --out {out}: exists; pass --overwrite to "
+                                               "replace it, or give another file")
+    assert out.read_bytes() == written
     run = tmp_path / "run"
     assert main(["train", "--dataset", "mmsa", "--data-path", str(out), "--model", "lf_dnn", "--epochs", "2",
                  "--out", str(run), "--quiet"]) == 0

@@ -256,6 +256,7 @@ def _probes(args: argparse.Namespace, out: Path) -> int:
 def cmd_extract(args: argparse.Namespace) -> int:
     from msakit.media import MediaConfig, extract_dataset
 
+    _check_out(Path(args.out), "--out", folder=False, overwrite=args.overwrite)
     cfg = MediaConfig(audio=args.audio, vision=args.vision, expressions=not args.no_expressions,
                       vision_fps=args.fps, text_encoder=args.text_encoder, aligned=args.aligned)
     summary = extract_dataset(args.videos, args.out, cfg, labels=args.labels, transcripts=args.transcripts,
@@ -480,6 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     extract = commands.add_parser("extract", help="features of raw clips -> an MMSA pickle (msakit.media)")
     extract.add_argument("--videos", required=True, help="folder of clips, or a CSV with a path column")
     extract.add_argument("--out", required=True, help="the MMSA pickle to write")
+    extract.add_argument("--overwrite", action="store_true", help="replace an existing --out pickle")
     extract.add_argument("--labels", help="CSV id,label[,split]")
     extract.add_argument("--transcripts", help="CSV id,text (else speech recognition)")
     extract.add_argument("--audio", default="librosa", choices=["librosa", "opensmile", "none"])
