@@ -78,6 +78,16 @@ def test_bad_flags(tmp_path, capsys):
     capsys.readouterr()
 
 
+def test_choice_hints_read_quoted_and_bare_choice_lists(capsys):
+    from msakit.cli import build_parser
+
+    evaluate = build_parser().innermost(["eval"])
+    for choices in ("'train', 'valid', 'test'", "train, valid, test"):  # Python < 3.12.8 / >= 3.12.8
+        with pytest.raises(SystemExit):
+            evaluate.error(f"argument --split: invalid choice: 'tset' (choose from {choices})")
+        assert "(did you mean 'test'?)" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, line", [
     (["train", "--epochs", "many"], "msakit train: error: argument --epochs: invalid int value: 'many' "
                                     "(see msakit train --help)"),
@@ -89,6 +99,10 @@ def test_bad_flags(tmp_path, capsys):
      "msakit personality fit: error: unrecognized arguments: --seeed 1 (did you mean '--seed'?) "
      "(see msakit personality fit --help)"),
     (["trian"], "did you mean 'train'?) (see msakit --help)"),
+    (["train", "--lr", "0.1"], "msakit train: error: unrecognized arguments: --lr 0.1 (see msakit train --help)"),
+    (["--bogus", "train"], "msakit: error: unrecognized arguments: --bogus (see msakit --help)"),
+    (["train", "--model", "eval", "--epcohs", "1"], "msakit train: error: unrecognized arguments: --epcohs 1 "
+                                                    "(did you mean '--epochs'?) (see msakit train --help)"),
 ])
 def test_argument_errors_are_one_line_from_the_command_they_reach(capsys, argv, line):
     assert main(argv) == 2  # argparse's SystemExit turned into the status, no raise

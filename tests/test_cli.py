@@ -48,6 +48,10 @@ def test_train_with_flags_seeds_and_eval(tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(checkpoint), "--split", "valid", "--out", str(metrics_file),
                  "--overwrite"]) == 0
     assert json.loads(metrics_file.read_text()) != evaluated  # the valid split's metrics now
+    same = tmp_path / "same.out"
+    assert main(["eval", "--checkpoint", str(checkpoint), "--out", str(same), "--predictions", str(same)]) == 2
+    assert capsys.readouterr().err.strip() == f"msakit: error: --out and --predictions both name {same}; give two files"
+    assert not same.exists()
 
 
 def test_config_file_and_resume(tmp_path):

@@ -122,10 +122,27 @@ def test_unpicklable_checkpoint_is_one_line(tmp_path, capsys):
     assert "weights_only" not in err  # not torch's advice to load it unsafely
 
 
+def test_torch_advice_after_the_first_sentence_is_left_out(run, tmp_path, capsys):
+    import tarfile
+
+    legacy = tmp_path / "legacy.pt"
+    with tarfile.open(legacy, "w") as archive:
+        archive.add(run / "config.yaml", arcname="config.yaml")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes((run / "seed_1" / "best.pt").read_bytes()[:200])
+    for path, reason in ((legacy, "(RuntimeError: Cannot use ``weights_only=True`` with files saved in the "
+                                  "legacy .tar format)"),
+                         (truncated, "(RuntimeError: PytorchStreamReader failed reading zip archive: failed "
+                                     "finding central directory)")):
+        err = _eval_fails(path, capsys)
+        assert err.endswith(f"{path}: not a readable msakit checkpoint {reason}"), err
+
+
 @pytest.mark.parametrize("content, reason", [
     (bytes(range(256)) * 20, "(the weights-only reader refused it: Unsupported operand "),
     (b"hello world\n", "(KeyError: "),
     (pickle.dumps({"format": 1}, protocol=4), "(the weights-only reader refused it: Unsupported operand 149)"),
+    (b"", "(the file is empty)"),
 ])
 def test_a_file_that_is_no_checkpoint_is_one_line_without_warnings(tmp_path, capsys, recwarn, content, reason):
     path = tmp_path / "random.pt"

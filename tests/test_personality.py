@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from msakit.cli import main
 
 pytest.importorskip("transformers", reason="personality encoders need transformers (pip install msakit[text])")
 
-from msakit.personality import HEAD_FILE, META_FILE, PersonalityEncoder  # noqa: E402
+from msakit.personality import HEAD_FILE, META_FILE, PersonalityEncoder, fit_personality_head  # noqa: E402
 
 TRAITS = ["O", "C", "E", "A", "N"]
 
@@ -134,17 +135,37 @@ def test_an_occupied_out_folder_is_refused_before_any_work(fitted_head, tmp_path
     assert {name: (fitted_head / name).read_bytes() for name in before} == before
     run = tmp_path / "run"
     (run / "seed_1").mkdir(parents=True)
-    for extra in ([], ["--overwrite"]):  # a training run's folder is never a head's
-        assert main(fit_args(tmp_path / "t.csv", run, *extra)) == 2
-        assert capsys.readouterr().err.strip().endswith(f"--out {run}: holds a training run; give the head "
-                                                        "a folder of its own")
-    assert sorted(p.name for p in run.iterdir()) == ["seed_1"]
+    (run / "seed_1" / "best.pt").write_bytes(b"weights")
+    for folder, held in ((run, "config.yaml, results.json or seed folders"), (run / "seed_1", "best.pt")):
+        for extra in ([], ["--overwrite"]):  # a training run's folder, or a seed's, is never a head's
+            assert main(fit_args(tmp_path / "t.csv", folder, *extra)) == 2
+            assert capsys.readouterr().err.strip().endswith(f"--out {folder}: holds a training run ({held}); "
+                                                            "give the head a folder of its own")
+    assert sorted(p.name for p in run.rglob("*")) == ["best.pt", "seed_1"]
     copy = tmp_path / "copy"
     copy.mkdir()
     for name, data in before.items():
         (copy / name).write_bytes(data)
     assert main(fit_args(tmp_path / "t.csv", copy, "--overwrite")) == 0
     assert json.loads((copy / META_FILE).read_text())["rows"] == 12
+
+
+def test_a_failed_write_leaves_the_previous_head_whole(fitted_head, tmp_path, monkeypatch):
+    from msakit.train.checkpoint import OutputError
+
+    folder = tmp_path / "head"
+    shutil.copytree(fitted_head, folder)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    write_csv(tmp_path / "t.csv", rows=12)
+
+    def half_written(state, handle):
+        handle.write(b"half a head")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", half_written)
+    with pytest.raises(OutputError, match="No space left on device"):
+        fit_personality_head(tmp_path / "t.csv", "text", TRAITS, "tiny", folder, epochs=1, overwrite=True)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # no temp file, nothing cut short
 
 
 def test_missing_csv_file(tmp_path, capsys):

@@ -184,6 +184,26 @@ def test_a_run_asking_for_a_missing_gpu_leaves_no_folder(tmp_path, capsys, monke
     assert main(["train", "--out", str(out), "--device", "cpu", "--epochs", "1", *SMALL]) == 0
 
 
+def test_devices_this_machine_lacks_are_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert loop.resolve_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(loop.TrainingError, match=r"'cuda:2' but this machine has 2 CUDA device\(s\)"):
+        loop.resolve_device("cuda:2")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(loop.TrainingError, match="train.device='mps' but no MPS device is available"):
+        loop.resolve_device("mps")
+
+
+def test_a_study_asking_for_a_missing_gpu_leaves_no_folder(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("optuna")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "study"
+    assert main(["tune", "--out", str(out), "--device", "cuda", "--trials", "1", *SMALL]) == 2
+    assert "train.device='cuda' but no CUDA device is available" in last_error(capsys)
+    assert not out.exists()
+
+
 def test_stale_temporary_files_are_removed_at_the_next_start(two_seed_run, tmp_path):
     out = copy_of(two_seed_run, tmp_path)
     stale = [out / "seed_1" / ".last.pt.abc123.tmp", out / ".results.json.x9.tmp"]

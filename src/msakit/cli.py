@@ -161,6 +161,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for flag, path in (("--out", args.out), ("--predictions", args.predictions)):
         if path:
             _check_out(Path(path), flag, folder=False, overwrite=args.overwrite)
+    if args.out and args.predictions and Path(args.out).resolve() == Path(args.predictions).resolve():
+        raise ConfigError(f"--out and --predictions both name {args.out}; give two files")
     result = evaluate_checkpoint(args.checkpoint, _data_overrides(args), split=args.split,
                                  predictions=args.predictions)
     print(f"\n{result.model} ({args.checkpoint}) on {result.dataset}, {result.split} split")
@@ -375,8 +377,10 @@ class _Parser(argparse.ArgumentParser):
     status 2, instead of the usage text and then the problem."""
 
     def error(self, message: str):
+        # choices are quoted up to Python 3.12.7 / 3.13.0, bare after
         choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
-        hint = did_you_mean(choice[1], re.findall(r"'([^']*)'", choice[2])) if choice else ""
+        known = [c.strip().strip("'") for c in choice[2].split(", ")] if choice else []
+        hint = did_you_mean(choice[1], known) if choice else ""
         self.exit(2, f"{self.prog}: error: {message}{hint} (see {self.prog} --help)\n")
 
     def innermost(self, argv: list[str]) -> _Parser:
@@ -389,8 +393,9 @@ class _Parser(argparse.ArgumentParser):
 
     def unknown(self, extra: list[str]):
         """Refuse arguments no flag takes, suggesting the closest flag for a misspelt one."""
-        flags = [a for a in extra if a.startswith("-")]
-        hint = did_you_mean(flags[0].split("=")[0], self._option_string_actions) if flags else ""
+        flags = [a for a in extra if a.startswith("--")]
+        names = [o[2:] for o in self._option_string_actions if o.startswith("--")]
+        hint = did_you_mean(flags[0][2:].split("=")[0], names).replace(" '", " '--") if flags else ""
         self.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
 
 
@@ -568,8 +573,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args, extra = parser.parse_known_args(argv)
-        if extra:  # reported by the subcommand's parser, which knows its flags
-            parser.innermost(argv if argv is not None else sys.argv[1:]).unknown(extra)
+        if extra:  # reported by the (sub)command parser the first of them was given to
+            given = list(argv if argv is not None else sys.argv[1:])
+            before = given[: given.index(extra[0])] if extra[0] in given else given
+            parser.innermost(before).unknown(extra)
     except SystemExit as e:  # argparse printed its one-line error: status 2, no raise
         if e.code in (0, None):  # --help / --version
             raise

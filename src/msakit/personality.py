@@ -236,14 +236,16 @@ def fit_personality_head(
 
 
 def check_out_dir(out_dir: Path, overwrite: bool) -> None:
-    """Refuse (ConfigError) an --out that is a file or a training run's folder, or that already
-    holds a head (head.pt / personality.json) unless `overwrite`."""
+    """Refuse (ConfigError) an --out that is a file, a training run's folder or one of its seed
+    folders, or that already holds a head (head.pt / personality.json) unless `overwrite`."""
     from msakit.train.runfolder import holds_run
 
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--out {out_dir}: exists and is not a folder")
-    if holds_run(out_dir):
-        raise ConfigError(f"--out {out_dir}: holds a training run; give the head a folder of its own")
+    seed_files = [name for name in ("best.pt", "last.pt", "log.jsonl") if (out_dir / name).exists()]
+    if holds_run(out_dir) or seed_files:
+        what = ", ".join(seed_files) or "config.yaml, results.json or seed folders"
+        raise ConfigError(f"--out {out_dir}: holds a training run ({what}); give the head a folder of its own")
     held = [name for name in (HEAD_FILE, META_FILE) if (out_dir / name).exists()]
     if held and not overwrite:
         raise ConfigError(f"--out {out_dir}: already holds {' and '.join(held)}; pass --overwrite to "

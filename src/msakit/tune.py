@@ -208,8 +208,9 @@ def tune(
     import optuna
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     base = build_config(tree, overrides)
+    train_loop.resolve_device(base.train.device)  # before the folder exists: a missing GPU leaves nothing behind
+    out.mkdir(parents=True, exist_ok=True)
     seed = tune_seed if tune_seed is not None else base.train.seeds[0]
     space_tree = space if space is not None else default_space(base.model_name)
     where = "--space" if space is not None else f"{base.model_name} search space"

@@ -74,7 +74,7 @@ def load_failure(error: Exception) -> str:
     """Why `torch.load(..., weights_only=True)` failed, in a few words: the weights-only reader's
     own reason ("Unsupported global: GLOBAL print was not an allowed global by default") without
     torch's surrounding advice (which suggests loading with weights_only=False), else the
-    exception type and the first line of its message."""
+    exception type and the first sentence of its message."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
     if text.startswith("Weights only load failed"):
         advice = ("Weights only load failed", "weights_only", "Please file an issue", "Check the documentation")
@@ -85,8 +85,11 @@ def load_failure(error: Exception) -> str:
                 kept.append(line)
         reason = " ".join(kept).split(" Please use", 1)[0].rstrip(".")
         return f"the weights-only reader refused it: {reason[:200] or 'not only tensors and plain data'}"
-    lines = text.strip().splitlines()
-    return f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
+    # torch's other messages also go on with advice after their first sentence
+    first = re.split(r"(?<=[a-z)])\.\s|\n", text.strip(), maxsplit=1)[0].rstrip(".")
+    if len(first) > 200:
+        first = first[:200].rsplit(" ", 1)[0] + " ..."
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -102,6 +105,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: not a readable msakit checkpoint (the file is empty)")
     try:
         state = quiet_load(path)
     except MemoryError:

@@ -74,11 +74,18 @@ class SeedResult:
 
 
 def resolve_device(name: str) -> torch.device:
+    """train.device -> a torch.device this machine has ('auto': the first GPU, else the CPU).
+    Raises TrainingError for a CUDA device or index, or MPS, that is not available."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise TrainingError(f"train.device={name!r} but no CUDA device is available")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise TrainingError(f"train.device={name!r} but this machine has {torch.cuda.device_count()} CUDA "
+                            "device(s), numbered from 0")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise TrainingError(f"train.device={name!r} but no MPS device is available")
     return device
 
 
