@@ -27,7 +27,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-from results_store import PUBLISHED, add_output_args, refuse_weaker, results_dir, update_json
+from results_store import (
+    PUBLISHED,
+    add_output_args,
+    measured_at,
+    refuse_weaker,
+    results_dir,
+    update_json,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 THROUGHPUT_EPOCHS = 3
@@ -93,19 +100,21 @@ def run_one(config: Path, data_root: str, seeds: list[int], out: Path, epochs: i
     torch.manual_seed(0)  # throughput: a warm-up epoch, then the median of 3 timed epochs
     model = create_model(cfg.model_name, cfg.model, data.info)
     optimizers = build_optimizers(model, cfg)
-    epochs = [measure_epoch(model, optimizers, cfg, data, epoch) for epoch in range(1 + THROUGHPUT_EPOCHS)][1:]
+    timed = [measure_epoch(model, optimizers, cfg, data, epoch) for epoch in range(1 + THROUGHPUT_EPOCHS)][1:]
     return {
         "model": cfg.model_name,
         "config": str(config.relative_to(ROOT)),
         "test_mean": results["test_mean"],
         "test_std": results["test_std"],
         "per_seed": results["per_seed"],
-        "samples_per_cpu_s": statistics.median(e["samples"] / e["cpu_s"] for e in epochs),
+        "samples_per_cpu_s": statistics.median(e["samples"] / e["cpu_s"] for e in timed),
+        "throughput_epochs": timed,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "wall_s": wall,
         "params": sum(p.numel() for p in model.parameters()),
         "epochs_cap": epochs,
         "seeds": seeds,
+        "measured_at": measured_at(),
     }
 
 
@@ -245,17 +254,19 @@ def write_markdown(rows: dict, data_root: str, path: Path) -> str:
     table = format_table(reference + ours + other_benchmarks(PUBLISHED), KEYS)
     cost = "\n".join(
         f"| {row_label(k, r)} | {r['params']:,} | {_throughput(r)} | "
-        f"{r['peak_rss_mb']:.0f} | {r['wall_s']:.0f} |"
+        f"{r['peak_rss_mb']:.0f} | {r['wall_s']:.0f} | {r.get('measured_at', '-')} |"
         for k, r in sorted(rows.items())
     )
     path.write_text(
         "# CMU-MOSI (Poria et al. utterance features), Poria's split\n\n"
         "Test split, mean ± population std over 5 seeds unless the row says otherwise; "
         "checkpoint selected on validation (videos held out of Poria's training videos); rows marked "
-        "≤N epochs were capped at N epochs for CPU time (reduced runs). Accuracies and F1 in %.\n\n"
+        "≤N epochs were capped at N epochs for CPU time (reduced runs). Accuracies and F1 in %. "
+        "A row reproduces to the digit with the code of the commit it was measured at (last column "
+        "of the second table).\n\n"
         f"{table}\n\n"
-        "| model | parameters | train samples / CPU-s (1 thread) | peak RSS (MB) | wall (s, all seeds) |\n"
-        "|---|---:|---:|---:|---:|\n"
+        "| model | parameters | train samples / CPU-s (1 thread) | peak RSS (MB) | wall (s, all seeds) | measured at |\n"
+        "|---|---:|---:|---:|---:|---|\n"
         f"{cost}\n"
     )
     return table

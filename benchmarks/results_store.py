@@ -12,6 +12,8 @@ import argparse
 import json
 import math
 import os
+import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -62,3 +64,16 @@ def update_json(path: Path, change: Callable[[dict], dict]) -> dict:
     partial.write_text(json.dumps(updated, indent=2) + "\n")
     partial.replace(path)
     return updated
+
+
+def measured_at() -> str:
+    """'<short commit>[+dirty] (<UTC date and time>)' of the checkout a benchmark runs in; 'unknown
+    commit' outside git."""
+    try:
+        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=30, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = "unknown commit", ""
+    return f"{commit}{'+dirty' if dirty else ''} ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})"

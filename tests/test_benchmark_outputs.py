@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -144,3 +145,22 @@ def test_robustness_zoo_says_when_its_training_seconds_are_a_resumed_calls_only(
     assert json.loads((out / "benchmark.json").read_text())["resumed"] is True
     published = json.loads((ROOT / "benchmarks/results/robustness_mosi-poria.json").read_text())
     assert published["runs"]["psa_mf"]["training"]["resumed"] is True
+
+
+@pytest.mark.parametrize("cap", [None, 3])
+def test_a_row_records_its_epoch_cap_not_the_timed_epochs(tmp_path, monkeypatch, cap):
+    """run_one's throughput epochs once overwrote the cap it records (every uncapped row was shown
+    as capped at a list of timings)."""
+    import throughput
+
+    import msakit.train.experiment as experiment
+
+    results = {"test_mean": {"mae": 0.9}, "test_std": {"mae": 0.01}, "per_seed": []}
+    monkeypatch.setattr(experiment, "run_experiment", lambda *a, **k: results)
+    timing = {"samples": 100, "cpu_s": 0.5, "wall_s": 0.5}
+    monkeypatch.setattr(throughput, "measure_epoch", lambda *a: dict(timing))
+    row = mosi_poria.run_one(ROOT / "configs" / "lf_dnn" / "synthetic.yaml", str(tmp_path), [1], tmp_path / "run",
+                             cap)
+    assert row["epochs_cap"] == cap and row["seeds"] == [1]
+    assert re.fullmatch(r"[0-9a-f]{7,}(\+dirty)? \(\d{4}-\d\d-\d\d \d\d:\d\d UTC\)", row["measured_at"])
+    assert row["throughput_epochs"] == [timing] * mosi_poria.THROUGHPUT_EPOCHS and row["samples_per_cpu_s"] == 200
