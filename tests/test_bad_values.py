@@ -201,7 +201,10 @@ def test_read_only_output_is_one_line(tmp_path, capsys, monkeypatch):
     def refuse(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied", kwargs.get("dir"))
 
-    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    from msakit.data import load_dataset
+
+    load_dataset(build_config({}, SMALL).data)  # the synthetic data's cache written first (run alone, it
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)  # was the cache folder that failed, not the run's)
     err = _fails(capsys, ["train", "--out", str(tmp_path / "run"), "--epochs", "1", "--set", *SMALL],
                  "cannot write (Permission denied)")
     assert str(tmp_path / "run") in err
