@@ -67,13 +67,24 @@ def update_json(path: Path, change: Callable[[dict], dict]) -> dict:
 
 
 def measured_at() -> str:
-    """'<short commit>[+dirty] (<UTC date and time>)' of the checkout a benchmark runs in; 'unknown
-    commit' outside git."""
+    """'<short commit>[+dirty] (<UTC date and time>)' of the msakit checkout that is imported (its
+    src/, configs/ and benchmarks/*.py, untracked files included: what a run depends on, not the
+    reports --publish rewrites); 'unknown commit' when msakit is not imported from a git checkout's
+    src/."""
+    import msakit
+
+    root = Path(msakit.__file__).resolve().parents[2]
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30,
+                              check=True).stdout.strip()
+
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     try:
-        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, timeout=30, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != root:
+            return f"unknown commit ({stamp})"
+        commit = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--", "src", "configs", "benchmarks/*.py")
     except (OSError, subprocess.SubprocessError):
-        commit, dirty = "unknown commit", ""
-    return f"{commit}{'+dirty' if dirty else ''} ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})"
+        return f"unknown commit ({stamp})"
+    return f"{commit}{'+dirty' if dirty else ''} ({stamp})"

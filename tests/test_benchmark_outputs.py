@@ -164,3 +164,42 @@ def test_a_row_records_its_epoch_cap_not_the_timed_epochs(tmp_path, monkeypatch,
     assert row["epochs_cap"] == cap and row["seeds"] == [1]
     assert re.fullmatch(r"[0-9a-f]{7,}(\+dirty)? \(\d{4}-\d\d-\d\d \d\d:\d\d UTC\)", row["measured_at"])
     assert row["throughput_epochs"] == [timing] * mosi_poria.THROUGHPUT_EPOCHS and row["samples_per_cpu_s"] == 200
+
+
+def test_measured_at_stamps_the_imported_checkout_and_what_a_run_depends_on(tmp_path, monkeypatch):
+    import subprocess
+
+    import msakit
+
+    repo = tmp_path / "repo"
+    (repo / "src" / "msakit").mkdir(parents=True)
+    (repo / "src" / "msakit" / "__init__.py").write_text("")
+    (repo / "README.md").write_text("table\n")
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "x")
+    commit = git("rev-parse", "--short", "HEAD")
+    monkeypatch.setattr(msakit, "__file__", str(repo / "src" / "msakit" / "__init__.py"))
+    assert re.fullmatch(rf"{commit} \(.+ UTC\)", results_store.measured_at())
+    (repo / "README.md").write_text("a published table\n")  # what --publish rewrites: still clean
+    assert "+dirty" not in results_store.measured_at()
+    (repo / "configs").mkdir()
+    (repo / "configs" / "new.yaml").write_text("model: {}\n")  # untracked, yet a run may read it
+    assert results_store.measured_at().startswith(f"{commit}+dirty (")
+    inner = repo / "vendor" / "src" / "msakit"  # a copy inside another project's repository
+    inner.mkdir(parents=True)
+    for where in (inner, tmp_path / "no_repo" / "src" / "msakit"):
+        monkeypatch.setattr(msakit, "__file__", str(where / "__init__.py"))
+        assert results_store.measured_at().startswith("unknown commit (")
+
+
+def test_report_only_without_results_says_so(tmp_path):
+    (tmp_path / "data" / "mosi-poria").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="mosi_poria.json: no results to report"):
+        mosi_poria.main(["--data-root", str(tmp_path / "data"), "--report-only", "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out" / "mosi_poria.md").exists()
