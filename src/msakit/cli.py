@@ -411,7 +411,7 @@ def _subparser(commands, name: str, help: str, examples: str = "") -> argparse.A
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="msakit", description="Multimodal sentiment analysis toolkit",
-                                     epilog="`msakit COMMAND --help` shows each command's examples")
+                     epilog="`msakit COMMAND --help` shows each command's examples")
     parser.add_argument("--version", action="version", version=f"msakit {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--quiet", action="store_true", help="no progress bars, only warnings and errors")
