@@ -181,6 +181,7 @@ def test_extract_train_predict_end_to_end(clips, tmp_path, capsys):
     (result,) = json.loads(capsys.readouterr().out)
     assert result["transcript"] == "this is great" and result["transcript_source"] == "user"
     assert -3 <= result["score"] <= 3 and "no face" in result["modalities_masked"]["vision"]
+    assert result["label_range"] == [-3.0, 3.0] and result["outside_label_range"] is False
     assert sum(result["shapley"].values()) == pytest.approx(result["u_all_minus_u_none"], abs=1e-6)
     assert result["shapley"]["vision"] == pytest.approx(0.0, abs=1e-6)  # masked: present or not, the same
     assert main(["predict", "--checkpoint", str(run / "seed_1" / "best.pt"), clip, "--transcript", "x"]) == 0
@@ -335,6 +336,50 @@ def test_labels_csv_line_numbers_are_file_lines(tmp_path, text, message):
     with pytest.raises(MediaError) as error:
         read_labels(path)
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("reader, header", [("read_labels", "id,label,split"), ("read_transcripts", "id,text,x")])
+def test_a_clip_listed_twice_in_a_csv_is_refused(tmp_path, reader, header):
+    import msakit.media as media
+
+    path = tmp_path / "rows.csv"
+    path.write_text(f"{header}\nc1,1.0,train\nc2,0.5,train\nc1,-2.0,test\n")
+    with pytest.raises(media.MediaError, match=r"rows.csv: line 4: clip id 'c1' is listed twice"):
+        getattr(media, reader)(path)
+
+
+def test_transcripts_that_match_no_clip_and_clips_without_one_are_reported(caplog):
+    from msakit.media import warn_unmatched_transcripts
+
+    texts = {f"c{k}": "hi" for k in range(1, 4)} | {"zz": "typo"}
+    clips = {f"c{k}" for k in range(1, 10)}
+    with caplog.at_level("WARNING", logger="msakit.media"):
+        warn_unmatched_transcripts(texts, clips, "tr.csv")
+    assert [r.getMessage() for r in caplog.records] == [
+        "tr.csv: 1 ids match no clip (zz), ignored",
+        "tr.csv: 6 clips have no transcript (c4, c5, c6, c7, c8, ...): their text comes from speech recognition"]
+    caplog.clear()
+    warn_unmatched_transcripts({"c1": "hi"}, {"c1"}, "tr.csv")
+    assert not caplog.records
+
+
+def test_a_folder_given_as_a_clip_says_so(tmp_path):
+    from msakit.media import ClipError, decode
+
+    with pytest.raises(ClipError, match="is a folder, not a media file"):
+        decode(tmp_path, 5.0, True)
+
+
+def test_a_score_outside_the_label_range_is_noted():
+    from msakit.predict import format_prediction
+
+    result = {"clip": "c.mp4", "score": 9.825, "polarity": "positive", "label_range": [-3.0, 3.0],
+              "outside_label_range": True, "class7": {"value": 3, "name": "highly positive"},
+              "transcript": "x", "transcript_source": "user", "modalities_masked": {}, "utility": "predicted score",
+              "u_all_minus_u_none": 1.0, "shapley": {"text": 1.0}, "extract_cpu_s": {}, "extract_s": 0.1,
+              "duration_s": 1.0}
+    assert "note: the score lies outside the label range [-3, 3]" in format_prediction(result)
+    assert "note:" not in format_prediction({**result, "score": 2.5, "outside_label_range": False})
 
 
 def test_labels_csv_with_a_byte_order_mark_is_read(tmp_path):

@@ -181,6 +181,14 @@ def test_bad_space_and_a_study_with_another_config_are_clear_errors(tmp_path, ca
     space.write_text("train.lr: {low: 0.1, high: 0.01}\n")
     assert main(["tune", "--trials", "1", "--out", str(tmp_path / "a"), "--space", str(space)]) == 2
     assert "--space: train.lr: need low < high" in capsys.readouterr().err
+    space.write_text("model.dropout: [0.1, 0.2\n")  # malformed YAML: one line, not a traceback
+    assert main(["tune", "--trials", "1", "--out", str(tmp_path / "a"), "--space", str(space)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"msakit: error: {space}: not valid YAML (") and "\n" not in err
+    for trials in ("0", "-1"):  # refused before the study folder exists
+        assert main(["tune", "--trials", trials, "--out", str(tmp_path / "z")]) == 2
+        assert capsys.readouterr().err.strip() == f"msakit: error: --trials must be >= 1, got {trials}"
+    assert not (tmp_path / "a").exists() and not (tmp_path / "z").exists()
 
     data = make_data()
     monkeypatch.setattr(tune_module, "load_dataset", lambda cfg: data)

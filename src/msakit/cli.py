@@ -493,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--vision", default="mediapipe", choices=["mediapipe", "none"])
     extract.add_argument("--no-expressions", action="store_true", help="no fer expression probabilities")
     extract.add_argument("--fps", type=float, default=None,
-                         help="video frames sampled per second (default 5; 10 with --aligned)")
+                         help="video frames sampled per second (default 5; 10 with --aligned; 0: every frame)")
     extract.add_argument("--text-encoder", default="minilm", help="minilm, tiny or a local model folder")
     extract.add_argument("--aligned", action="store_true", help="word-level alignment (ASR word times)")
     extract.add_argument("--workers", type=int, default=1, help="processes")

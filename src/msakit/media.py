@@ -228,6 +228,8 @@ def decode(path: str | Path, fps: float, want_video: bool) -> tuple[np.ndarray |
     Raises ClipError for a file PyAV cannot open or decode, or one with neither stream."""
     av = _require("av", "decoding")
     path = Path(path)
+    if path.is_dir():
+        raise ClipError("is a folder, not a media file")
     if not path.is_file():
         raise ClipError("file not found")
     if path.stat().st_size == 0:
@@ -654,13 +656,39 @@ def read_labels(path: str | Path) -> dict[str, tuple[float, str | None]]:
         split = (row.get("split") or row.get("mode") or "").strip().lower() or None
         if split is not None and split not in SPLIT_NAMES:
             raise MediaError(f"{path}: line {line}: split {split!r} is not train/valid/dev/test")
-        labels[row["id"].strip()] = (value, SPLIT_NAMES.get(split) if split else None)
+        cid = row["id"].strip()
+        if cid in labels:
+            raise MediaError(f"{path}: line {line}: clip id {cid!r} is listed twice")
+        labels[cid] = (value, SPLIT_NAMES.get(split) if split else None)
     return labels
 
 
 def read_transcripts(path: str | Path) -> dict[str, str]:
-    """Transcripts CSV (columns id, text) -> {id: text}."""
-    return {row["id"].strip(): row["text"] for _, row in _read_table(path, ("id", "text"), "transcripts")}
+    """Transcripts CSV (columns id, text) -> {id: text}; an id listed twice raises MediaError."""
+    texts: dict[str, str] = {}
+    for line, row in _read_table(path, ("id", "text"), "transcripts"):
+        cid = row["id"].strip()
+        if cid in texts:
+            raise MediaError(f"{path}: line {line}: clip id {cid!r} is listed twice")
+        texts[cid] = row["text"]
+    return texts
+
+
+def warn_unmatched_transcripts(text_map: dict[str, str], clip_ids: set[str], path) -> None:
+    """Log the transcripts CSV's ids that match no clip (a misspelt id would otherwise pass
+    unseen) and the clips it lacks (their text comes from speech recognition)."""
+    if unknown := set(text_map) - clip_ids:
+        log.warning("%s: %s, ignored", path, _unmatched(unknown, "ids match no clip"))
+    if missing := clip_ids - set(text_map):
+        log.warning("%s: %s: their text comes from speech recognition", path,
+                    _unmatched(missing, "clips have no transcript"))
+
+
+def _unmatched(ids, what: str, limit: int = 5) -> str:
+    """"3 <what> (a, b, c)" with at most `limit` ids shown."""
+    ids = sorted(ids)
+    shown = ", ".join(ids[:limit]) + (", ..." if len(ids) > limit else "")
+    return f"{len(ids)} {what} ({shown})"
 
 
 def _settings_key(cfg: MediaConfig) -> str:
@@ -723,7 +751,8 @@ def extract_dataset(
 
     labels: CSV id,label[,split]; clips without a label are left out (reported). Without a split
     column every clip goes to "train" (usable for features, not for `msakit train`).
-    transcripts: CSV id,text; clips without one are recognised (ASR).
+    transcripts: CSV id,text; clips without one are recognised (ASR); both those clips and ids that
+    match no clip are logged as warnings. An id listed twice in either CSV raises MediaError.
     bad_clips: "drop" (leave the clip out) or "mask" (keep it, the bad modality masked)."""
     from concurrent.futures import ProcessPoolExecutor
 
@@ -738,6 +767,8 @@ def extract_dataset(
     clips = find_clips(videos)
     label_map = read_labels(labels) if labels else None
     text_map = read_transcripts(transcripts) if transcripts else {}
+    if transcripts:
+        warn_unmatched_transcripts(text_map, {cid for cid, _ in clips}, transcripts)
     out = Path(out)
     cache = out.with_name(out.name + ".cache")
     cache.mkdir(parents=True, exist_ok=True)

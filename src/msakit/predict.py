@@ -7,8 +7,9 @@ The checkpoint's `DatasetInfo.extraction` says how its features were computed fr
 cannot be reproduced from raw media, e.g. mosi-poria, or on synthetic data) is refused with a
 CheckpointError naming the dataset.
 
-Per clip: the prediction with every modality present; for regression the score in the label range
-and its class (sign: positive > 0, negative < 0, neutral = 0, and the 7-class Acc-7 label after
+Per clip: the prediction with every modality present; for regression the raw score (not clipped:
+as in predictions_test.csv; `outside_label_range` flags and the text output notes a score beyond
+the label range) and its class (sign: positive > 0, negative < 0, neutral = 0, and the 7-class Acc-7 label after
 clipping and half-to-even rounding); for classification the class probabilities. Contributions:
 the model is run on all 2^3 modality subsets (absent modalities' features zeroed, masks unchanged:
 as `msakit analyze`), the utility of a subset is the predicted score (regression) or the
@@ -91,7 +92,8 @@ def predict_clip(model, info, extractor: Extractor, path: str | Path, transcript
         score = float(full)
         utilities = torch.stack([o.reshape(()) for o in outputs])
         seven = int(np.round(np.clip(score, low, high)))
-        out.update(score=score, polarity="positive" if score > 0 else "negative" if score < 0 else "neutral")
+        out.update(score=score, polarity="positive" if score > 0 else "negative" if score < 0 else "neutral",
+                   label_range=[low, high], outside_label_range=not low <= score <= high)
         if (low, high) == (-3.0, 3.0):
             out["class7"] = {"value": seven, "name": SEVEN_CLASSES[seven + 3]}
         out["utility"] = "predicted score"
@@ -121,6 +123,10 @@ def format_prediction(result: dict) -> str:
         seven = result.get("class7")
         extra = f"; 7-class: {seven['name']} ({seven['value']:+d})" if seven else ""
         lines.append(f"  sentiment {result['score']:+.3f} ({result['polarity']}{extra})")
+        if result.get("outside_label_range"):
+            low, high = result["label_range"]
+            lines.append(f"  note: the score lies outside the label range [{low:g}, {high:g}]; the model "
+                         "extrapolates (the 7-class reading is clipped)")
     else:
         lines.append(f"  class {result.get('class', '')}: " + ", ".join(
             f"{n} {p:.3f}" for n, p in result["probabilities"].items()))

@@ -129,7 +129,11 @@ def default_space(model_name: str) -> dict[str, Any]:
 
 
 def load_space(path: str | Path) -> dict[str, Any]:
-    tree = yaml.safe_load(Path(path).read_text()) if Path(path).is_file() else None
+    """The --space YAML file; TuneError (one line) when missing, empty or not valid YAML."""
+    try:
+        tree = yaml.safe_load(Path(path).read_text(encoding="utf-8")) if Path(path).is_file() else None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise TuneError(f"{path}: not valid YAML ({' '.join(str(e).split())[:200]})") from None
     if tree is None:
         raise TuneError(f"{path}: search-space file not found or empty")
     return tree
@@ -207,10 +211,11 @@ def tune(
     the multi-seed run, None with final=False). Raises TuneError / ConfigError on bad input."""
     import optuna
 
+    if trials < 1:
+        raise TuneError(f"--trials must be >= 1, got {trials}")
     out = Path(out)
     base = build_config(tree, overrides)
-    train_loop.resolve_device(base.train.device)  # before the folder exists: a missing GPU leaves nothing behind
-    out.mkdir(parents=True, exist_ok=True)
+    train_loop.resolve_device(base.train.device)
     seed = tune_seed if tune_seed is not None else base.train.seeds[0]
     space_tree = space if space is not None else default_space(base.model_name)
     where = "--space" if space is not None else f"{base.model_name} search space"
@@ -221,6 +226,7 @@ def tune(
                 build_config(tree, [*overrides, *_overrides({p.name: value})])
             except ConfigError as e:
                 raise TuneError(f"{where}: {p.name}={value!r}: {e}") from e
+    out.mkdir(parents=True, exist_ok=True)  # after every check: a refused study leaves no folder
     if base.train.num_threads:
         torch.set_num_threads(base.train.num_threads)
     data = data if data is not None else load_dataset(base.data)
