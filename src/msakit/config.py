@@ -266,8 +266,17 @@ def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
+    tree = read_yaml(path) or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: top level must be a mapping with model/data/train sections")
+    return tree
+
+
+def read_yaml(path: Path):
+    """The YAML document in the file `path` (None when empty); ConfigError (one line, naming the
+    file) when it is not UTF-8, cannot be read, is not valid YAML or is nested too deeply."""
     try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
     except OSError as e:
@@ -277,9 +286,6 @@ def load_yaml(path: str | Path) -> dict:
         raise ConfigError(f"{path}: not valid YAML ({detail})") from None
     except RecursionError:
         raise ConfigError(f"{path}: nested too deeply to be a config") from None
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: top level must be a mapping with model/data/train sections")
-    return tree
 
 
 def _dataset_default_model(tree: dict) -> str | None:

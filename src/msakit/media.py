@@ -642,6 +642,18 @@ def _read_table(path: str | Path, needed: Sequence[str], what: str) -> list[tupl
         return rows
 
 
+def _rows_by_id(path: str | Path, needed: Sequence[str], what: str) -> dict[str, tuple[int, dict[str, str]]]:
+    """`_read_table` (whose `needed` includes "id") keyed by the stripped id; MediaError for an id
+    listed twice."""
+    rows: dict[str, tuple[int, dict[str, str]]] = {}
+    for line, row in _read_table(path, needed, what):
+        cid = row["id"].strip()
+        if cid in rows:
+            raise MediaError(f"{path}: line {line}: clip id {cid!r} is listed twice")
+        rows[cid] = (line, row)
+    return rows
+
+
 SPLIT_NAMES = {"train": "train", "valid": "valid", "dev": "valid", "val": "valid", "test": "test"}
 
 
@@ -649,29 +661,19 @@ def read_labels(path: str | Path) -> dict[str, tuple[float, str | None]]:
     """Labels CSV (columns id, label, optional split or mode) -> {id: (label, split)}."""
     from msakit.data.base import sentiment_label
 
-    rows = _read_table(path, ("id", "label"), "labels")
     labels = {}
-    for line, row in rows:
+    for cid, (line, row) in _rows_by_id(path, ("id", "label"), "labels").items():
         value = sentiment_label(row["label"], f"{path}: line {line}", MediaError)
         split = (row.get("split") or row.get("mode") or "").strip().lower() or None
         if split is not None and split not in SPLIT_NAMES:
             raise MediaError(f"{path}: line {line}: split {split!r} is not train/valid/dev/test")
-        cid = row["id"].strip()
-        if cid in labels:
-            raise MediaError(f"{path}: line {line}: clip id {cid!r} is listed twice")
         labels[cid] = (value, SPLIT_NAMES.get(split) if split else None)
     return labels
 
 
 def read_transcripts(path: str | Path) -> dict[str, str]:
     """Transcripts CSV (columns id, text) -> {id: text}; an id listed twice raises MediaError."""
-    texts: dict[str, str] = {}
-    for line, row in _read_table(path, ("id", "text"), "transcripts"):
-        cid = row["id"].strip()
-        if cid in texts:
-            raise MediaError(f"{path}: line {line}: clip id {cid!r} is listed twice")
-        texts[cid] = row["text"]
-    return texts
+    return {cid: row["text"] for cid, (_, row) in _rows_by_id(path, ("id", "text"), "transcripts").items()}
 
 
 def warn_unmatched_transcripts(text_map: dict[str, str], clip_ids: set[str], path) -> None:

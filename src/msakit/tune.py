@@ -48,7 +48,7 @@ from typing import Any
 import torch
 import yaml
 
-from msakit.config import ConfigError, ExperimentConfig, build_config, load_yaml
+from msakit.config import ConfigError, ExperimentConfig, build_config, load_yaml, read_yaml
 from msakit.data import MultimodalData, load_dataset
 from msakit.registry import get_model_entry
 from msakit.train import loop as train_loop
@@ -129,11 +129,9 @@ def default_space(model_name: str) -> dict[str, Any]:
 
 
 def load_space(path: str | Path) -> dict[str, Any]:
-    """The --space YAML file; TuneError (one line) when missing, empty or not valid YAML."""
-    try:
-        tree = yaml.safe_load(Path(path).read_text(encoding="utf-8")) if Path(path).is_file() else None
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise TuneError(f"{path}: not valid YAML ({' '.join(str(e).split())[:200]})") from None
+    """The --space YAML file; TuneError when missing or empty, ConfigError when not valid YAML
+    (`config.read_yaml`; each one line)."""
+    tree = read_yaml(Path(path)) if Path(path).is_file() else None
     if tree is None:
         raise TuneError(f"{path}: search-space file not found or empty")
     return tree
