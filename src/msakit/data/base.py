@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, SequentialSampler
 
 from msakit.batch import MODALITIES, Batch
 
@@ -367,20 +367,38 @@ def to_loader(
     dataset = _SplitDataset(arrays, info.task)
     items = video_groups(arrays) if whole_videos else dataset
     collate = dataset.collate_groups if whole_videos else dataset.collate
-    generator = torch.Generator().manual_seed(seed) if shuffle else None
-    if shard is not None:
-        # the one-process loader's global batches (same DataLoader machinery, same generator use)
-        order = DataLoader(range(len(items)), batch_size=batch_size, shuffle=shuffle,
-                           generator=generator, collate_fn=list)
+    sampler = EpochOrder(len(items), seed) if shuffle else SequentialSampler(range(len(items)))
+    if shard is not None:  # the one-process loader's batches, each cut into `world` shards
         rank, world = shard
-        batches = [b for b in order if not (shuffle and len(b) < world)]  # see the docstring
+        batches = [b for b in BatchSampler(sampler, batch_size, drop_last=False)
+                   if not (shuffle and len(b) < world)]  # see the docstring
         shards = [np.array_split(b, world)[rank].tolist() for b in batches]
-        return DataLoader(items, batch_sampler=[s for s in shards if s], collate_fn=collate, num_workers=0)
-    return DataLoader(
-        items,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        generator=generator,
-        collate_fn=collate,
-        num_workers=0,
-    )
+        return DataLoader(items, batch_sampler=[s for s in shards if s], collate_fn=collate, num_workers=0,
+                          generator=torch.Generator() if shuffle else None)
+    # a generator of its own for shuffled loaders: each DataLoader iterator draws a base seed
+    # from it, which would otherwise come from (and advance) torch's global random stream
+    return DataLoader(items, batch_size=batch_size, sampler=sampler, collate_fn=collate, num_workers=0,
+                      generator=torch.Generator() if shuffle else None)
+
+
+class EpochOrder(Sampler[int]):
+    """The shuffled order of range(n) for one epoch, a function of `seed` alone: every iterator
+    over it yields the same order, however many iterators were made before (a DataLoader's own
+    shuffling advances one generator with each iterator, and a progress bar that makes an
+    iterator of its own then changed the order the loop saw, so that a multi-process run, which
+    builds its batches without one, trained on other batches than a one-process run).
+
+    The order is `torch.randperm(n)` from a generator seeded with `seed` after two 64-bit draws:
+    the draws the one-process loop's two DataLoader iterators took before this sampler existed,
+    kept so that every run recorded before it reproduces."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed)
+        torch.empty(2, dtype=torch.int64).random_(generator=generator)
+        return iter(torch.randperm(self.n, generator=generator).tolist())

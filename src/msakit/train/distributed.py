@@ -117,6 +117,15 @@ def gather(value: Any) -> list[Any]:
     return values
 
 
+def mean_over_processes(values: dict[str, float]) -> dict[str, float]:
+    """Each key's mean over the processes (`values` itself without a process group). Every
+    process's loss is the mean over its shard of the batch, so with equal shards their mean is
+    the one-process loss of the batch (uneven shards weigh each process equally, as DDP's
+    gradient average does)."""
+    every = gather(values)
+    return {key: sum(v[key] for v in every) / len(every) for key in values}
+
+
 def broadcast(value: Any) -> Any:
     """Rank 0's `value` on every process."""
     if not current().active:

@@ -434,6 +434,7 @@ def fit(
                 last_loss = sum(float(v.detach()) for v in outs[-1].losses.values())
                 bar.set_postfix(loss=f"{last_loss:.4f}")
         train_seconds = time.perf_counter() - started
+        terms = distributed.mean_over_processes(terms)  # under DDP: the whole batches' losses
 
         valid_metrics, _ = evaluate(model, data.splits["valid"], info, cfg.data.batch_size, device,
                                     valid_transform)
