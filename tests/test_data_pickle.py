@@ -251,6 +251,32 @@ def test_tiny_file_declaring_gigabytes_is_refused():
         loads_pickle(b"\x80\x04\x8e" + (2**40).to_bytes(8, "little") + b"abc", "hostile.pkl")
 
 
+@pytest.mark.parametrize("dtype", ["S0", "U0", "V0"])
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_zero_size_items_cannot_declare_a_count(dtype, protocol):
+    """An array of zero-byte items declares any number of elements in a few bytes of file; the
+    first conversion (float labels, id strings) would allocate them."""
+    array = _reconstruct(np.ndarray, (0,), np.dtype(dtype))
+    array.__setstate__((1, (10**8,), np.dtype(dtype), False, b""))
+    raw = pickle.dumps({"train": {"id": array}}, protocol=protocol)
+    assert len(raw) < 1000
+    with pytest.raises(DataError, match=r"hostile.pkl: an array of shape \(100000000,\) with zero-size items"):
+        loads_pickle(raw, "hostile.pkl")
+    empty = np.zeros((0, 3), dtype=dtype)  # no elements: nothing declared, still loads
+    assert loads_pickle(pickle.dumps(empty, protocol=protocol), "ok.pkl").shape == (0, 3)
+
+
+@pytest.mark.parametrize("protocol", [0, 1, 2])
+def test_old_protocols_empty_and_long_arrays_load(protocol):
+    """Protocols 0-2 write b"" as bytes() (an empty array's data) and protocol 0 writes an
+    array's bytes as one escaped text line (here ~1.6 MB)."""
+    data = {"a": np.zeros((0, 3), dtype=np.float32), "b": np.arange(400_000, dtype=np.float32)}
+    back = loads_pickle(pickle.dumps(data, protocol=protocol), "old.pkl")
+    assert back["a"].shape == (0, 3) and np.array_equal(back["b"], data["b"])
+    with pytest.raises(DataError, match="bytes\\(...\\) with arguments is not allowed"):
+        loads_pickle(pickle.dumps(Reduce(bytes, (10**9,)), protocol=protocol), "hostile.pkl")
+
+
 def test_nested_shared_lists_are_refused_by_their_expanded_size():
     """A 10 KB file of lists shared by reference expands to 10^9 floats when a reader converts
     it to an array; the expanded size counts each reference."""

@@ -94,6 +94,14 @@ def _latin1_encode(text: str, encoding: str = "utf-8", errors: str = "strict") -
     return text.encode("latin-1")
 
 
+def _empty_bytes(*args: Any) -> bytes:
+    """`bytes()`: how Python 3 pickles b"" under protocols 0-2 (an empty array's data, say);
+    with arguments it is refused (non-empty bytes come as `_codecs.encode`)."""
+    if args:
+        raise _Refused("bytes(...) with arguments is not allowed while unpickling")
+    return b""
+
+
 def _has_object(dtype: np.dtype) -> bool:
     """Whether `dtype` holds Python objects anywhere (own kind, fields, sub-array base)."""
     if dtype.kind == "O" or dtype.hasobject:
@@ -142,7 +150,8 @@ class _BoundedReader:
         return got
 
     def readline(self) -> bytes:
-        line = self.stream.readline(min(self.left, 1 << 16))
+        # protocol 0 (Python 2's default) writes an array's bytes as one escaped line
+        line = self.stream.readline(self.left)
         self.left -= len(line)
         return line
 
@@ -166,12 +175,13 @@ class _RestrictedUnpickler(pickle._Unpickler):  # noqa: SLF001 (the pure-Python 
         self._np_frombuffer = _numpy_attr("numeric", "_frombuffer")
         self.callables = {
             self._reconstruct, self._scalar, self._frombuffer, self._dtype, _latin1_encode,
-            set, frozenset, self._bytearray, complex, collections.OrderedDict,
+            set, frozenset, self._bytearray, complex, collections.OrderedDict, _empty_bytes,
         }
         self.globals: dict[tuple[str, str], Any] = {
             ("numpy", "ndarray"): np.ndarray,
             ("numpy", "dtype"): self._dtype,
             ("_codecs", "encode"): _latin1_encode,
+            ("builtins", "bytes"): _empty_bytes,
             ("builtins", "set"): set,
             ("builtins", "frozenset"): frozenset,
             ("builtins", "bytearray"): self._bytearray,
@@ -192,6 +202,15 @@ class _RestrictedUnpickler(pickle._Unpickler):  # noqa: SLF001 (the pure-Python 
                 f"{_fmt_bytes(self.budget)}"
             )
         self.budget -= nbytes
+
+    def charge_array(self, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        """Charge an array's bytes; refuse elements of zero bytes (numpy's S0, U0, V0): any count
+        of them fits in no memory, and the first conversion (to float, to id strings) would then
+        allocate what the shape merely declares."""
+        count = math.prod(shape)
+        if count and not dtype.itemsize:
+            raise _Refused(f"an array of shape {shape} with zero-size items (dtype {dtype.str}) is not data")
+        self.charge(count * dtype.itemsize, "an array")
 
     def _track(self, obj: Any) -> Any:
         self._fresh.add(id(obj))
@@ -215,7 +234,7 @@ class _RestrictedUnpickler(pickle._Unpickler):  # noqa: SLF001 (the pure-Python 
         dtype = np.dtype(dtype)
         if _has_object(dtype):
             raise _Refused("_reconstruct with an object dtype is not allowed")
-        self.charge(math.prod(shape) * dtype.itemsize, "an array")
+        self.charge_array(shape, dtype)
         return self._track(self._np_reconstruct(np.ndarray, shape, dtype))
 
     def _scalar(self, dtype: Any, data: Any = None) -> Any:
@@ -399,7 +418,7 @@ class _RestrictedUnpickler(pickle._Unpickler):  # noqa: SLF001 (the pure-Python 
                 self._blobs.discard(id(raw))
                 self._replace(array, view)
                 return
-            self.charge(count * dtype.itemsize, "an array")
+            self.charge_array(shape, dtype)
         array.__setstate__(state)
 
     def _replace(self, old: Any, new: Any) -> None:
