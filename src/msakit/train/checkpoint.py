@@ -10,6 +10,7 @@ import os
 import re
 import tempfile
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -62,9 +63,33 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     _atomic_write(Path(path), lambda handle: torch.save(state, handle))
 
 
+class ArchiveRefused(ValueError):
+    """A file `quiet_load` does not hand to torch.load (see `check_archive`)."""
+
+
+def check_archive(path: Path) -> None:
+    """Raise ArchiveRefused unless `path` is torch's zip format with stored (uncompressed) entries
+    that fit in the file: what torch.save writes. torch.load would otherwise read torch's legacy
+    format, which allocates each storage's declared size before reading its bytes (a 100 KB file
+    asked for 4 GB), and inflate deflated entries (a 1 MB file unpacked to 1 GB)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        raise ArchiveRefused("not a complete zip archive, the format torch.save writes; msakit reads "
+                             "no other") from None
+    size = path.stat().st_size
+    for entry in entries:
+        if entry.compress_type != zipfile.ZIP_STORED:
+            raise ArchiveRefused(f"entry {entry.filename!r} is compressed, which torch.save never writes")
+    if sum(entry.file_size for entry in entries) > size:
+        raise ArchiveRefused("its entries declare more bytes than the file holds")
+
+
 def quiet_load(path: Path) -> Any:
-    """torch.load(path, weights_only=True) onto the CPU, without torch's warnings (a text file read
-    as a pickle warns about its protocol before failing)."""
+    """torch.load(path, weights_only=True) onto the CPU after `check_archive`, without torch's
+    warnings (a text file read as a pickle warns about its protocol before failing)."""
+    check_archive(path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -75,6 +100,8 @@ def load_failure(error: Exception) -> str:
     own reason ("Unsupported global: GLOBAL print was not an allowed global by default") without
     torch's surrounding advice (which suggests loading with weights_only=False), else the
     exception type and the first sentence of its message."""
+    if isinstance(error, ArchiveRefused):
+        return str(error)
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
     if text.startswith("Weights only load failed"):
         advice = ("Weights only load failed", "weights_only", "Please file an issue", "Check the documentation")
