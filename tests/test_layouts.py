@@ -185,6 +185,50 @@ def test_both_sides_in_one_file_is_an_error_that_names_it(tmp_path, capsys):
     assert read_mult(path, padding="start").notes[0].startswith("padding: text+audio+vision start")
 
 
+def _edit_mmsa(path, edit):
+    raw = {split: dict(v) if isinstance(v, dict) else v for split, v in pickle.loads(path.read_bytes()).items()}
+    for split in ("train", "valid", "test"):
+        edit(raw[split])
+    path.write_bytes(pickle.dumps(raw))
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda s: s.update(audio_lengths=np.maximum(s["audio_lengths"] // 2, 1)),
+     r"audio: audio_lengths disagree with the data's zero padding: \d+ of 24 samples are zero-padded"),
+    (lambda s: s.update(audio_lengths=np.full_like(s["audio_lengths"], 9)), "audio_lengths disagree"),
+    (lambda s: s.update(audio_lengths=s["audio_lengths"] * 10), "audio_lengths disagree"),  # clipped to L
+    (lambda s: s.update(vision_lengths=np.where(np.arange(len(s["vision_lengths"])) == 1, np.nan, 3.0)),
+     r"train.vision: 1 lengths are not finite numbers"),
+    (lambda s: s.update(text_bert=s["text_bert"][:, [1, 0, 2]]),  # rows in another order: empty mask row
+     r"train.text_bert: the attention mask \(row 1 of \[N, 3, L\]: token ids, mask, segment ids\) is "
+     r"empty for 10 of 10 samples"),
+])
+def test_stored_lengths_that_disagree_with_the_data_are_errors(tmp_path, edit, message):
+    """Stored lengths are trusted only where the data's zero padding agrees: halved lengths kept
+    half of every sequence, lengths of L (or in another unit, clipped to L) read the padding as
+    frames, and an empty BERT mask made every text one word long, all silently."""
+    path = write_mmsa_copy(tmp_path / "lengths.pkl", utterances(), "end", UNALIGNED)
+    assert read_mmsa(path).splits["train"].lengths["audio"].tolist() == utterances()["train"]["lengths"].tolist()
+    _edit_mmsa(path, edit)
+    with pytest.raises(DataError, match=message):
+        read_mmsa(path)
+
+
+def test_stored_lengths_over_padding_that_is_not_zero_are_trusted(tmp_path):
+    """Padding of another value (features normalised after padding) shows no zero padding: the
+    stored lengths are all there is, and they are used."""
+    data = utterances()
+    path = write_mmsa_copy(tmp_path / "normalised.pkl", data, "end", UNALIGNED)
+
+    def fill(split):
+        for m, key in (("audio", "audio_lengths"), ("vision", "vision_lengths")):
+            steps = np.arange(split[m].shape[1])[None, :, None]
+            split[m] = np.where(steps < split[key][:, None, None], split[m], np.float32(-0.7))
+    _edit_mmsa(path, fill)
+    read = read_mmsa(path)
+    assert read.splits["test"].lengths["audio"].tolist() == data["test"]["lengths"].tolist()
+
+
 def test_padding_option_is_validated():
     from msakit.config import ConfigError, build_config
 

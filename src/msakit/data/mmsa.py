@@ -17,6 +17,9 @@ Lengths (all clipped to [1, L]):
     text: text_bert[:, 1, :].sum() (the attention mask) when present, else inferred from padding;
     audio/vision: the stored *_lengths; without them (aligned files) the text's lengths and
     padding side when the sequence length equals L_t, else inferred from padding.
+    Refused (DataError): non-finite stored lengths; a text_bert whose mask row is empty for most
+    samples (rows in another order); stored lengths that disagree with the data's zero padding
+    (`padding._check_stored`: halved, all L over zero-padded data, in another unit).
 Padding side: MMSA-FET pads at the end by default and at the start with
 `padding_location='start'`; the side is found in the data per modality (`data.padding=auto`,
 or forced with start|end; see msakit/data/padding.py) and start-padded sequences are stored with
@@ -121,6 +124,8 @@ def _strings(value: Any, n: int, where: str) -> list[str]:
 
 
 def _clip_lengths(lengths: np.ndarray, steps: int, where: str) -> np.ndarray:
+    if not np.all(np.isfinite(lengths)):
+        raise DataError(f"{where}: {int((~np.isfinite(lengths)).sum())} lengths are not finite numbers")
     lengths = np.rint(lengths).astype(np.int64)
     bad = int(((lengths < 1) | (lengths > steps)).sum())
     if bad:
@@ -195,6 +200,10 @@ def _read_split(raw: Any, path: Path, split: str, task: str) -> _Split:
                 f"{path}: {split}.text_bert has shape {bert.shape}, expected [{n}, 3, {steps_t}]"
             )
         mask = to_float_array(bert[:, 1, :], f"{path}: {split}.text_bert") > 0
+        empty = int((~mask.any(axis=1)).sum())
+        if n and empty > n // 2:
+            raise DataError(f"{path}: {split}.text_bert: the attention mask (row 1 of [N, 3, L]: token "
+                            f"ids, mask, segment ids) is empty for {empty} of {n} samples")
         stored = _clip_lengths(mask.sum(axis=1), steps_t, f"{path}: {split}.text")
         text = Sequences([features[m] for m in text_unit], mask, stored)
     else:
@@ -213,7 +222,7 @@ def _read_split(raw: Any, path: Path, split: str, task: str) -> _Split:
                     f"{path}: {split}.{key} has {stored.shape[0]} entries, expected {n}"
                 )
             stored = _clip_lengths(stored, steps, f"{path}: {split}.{m}")
-        units[m] = ((m,), Sequences([features[m]], real_frames(features[m]), stored))
+        units[m] = ((m,), Sequences([features[m]], real_frames(features[m]), stored, key))
 
     ids = (
         _strings(raw["id"], n, f"{path}: {split}.id")

@@ -16,6 +16,8 @@ modalities that share one length), over all splits together:
         trailing padding frames (zeros on both sides or none at all tell nothing).
 A padding frame is one whose values are all zero or non-finite (or 0 in a BERT mask).
 
+Stored lengths are checked against the data: a unit where at least a tenth of the samples are
+zero-padded but fewer than half as many are padded where the stored lengths say is an error.
 `data.padding=auto` (default) takes the only side seen; BOTH sides seen is an error that asks for
 `data.padding=start|end`; no evidence at all (nothing padded, or padded frames that are not
 zero) keeps end (msakit's and MMSA's default) and says so. `start` / `end` force the side. Lengths
@@ -62,6 +64,8 @@ class Sequences:
     features: list[np.ndarray]
     real: np.ndarray
     stored: np.ndarray | None = None
+    stored_key: str = "the stored lengths"
+    """Where `stored` came from, for error messages (e.g. "audio_lengths")."""
     lengths: np.ndarray = field(init=False)
 
 
@@ -132,6 +136,24 @@ Units = dict[str, tuple[tuple[str, ...], Sequences]]
 modalities) -> (its modalities, their `Sequences`)."""
 
 
+def _check_stored(name: str, parts: list[Sequences], stored_seen: int, where: str) -> None:
+    """Raise DataError when a unit's stored lengths disagree with the zero padding its data show:
+    at least a tenth of the samples are zero-padded on one side (`count_sides` without lengths)
+    but fewer than half as many are padded where their stored lengths say (lengths halved, all
+    equal to L over zero-padded data, in another unit and clipped). Data whose padding is not
+    zero show no padding either way and pass."""
+    if any(seq.stored is None for seq in parts):
+        return
+    data_seen = sum(sum(count_sides(Sequences(seq.features, seq.real))) for seq in parts)
+    total = sum(len(seq.real) for seq in parts)
+    if data_seen >= max(1, total // 10) and stored_seen < data_seen / 2:
+        raise DataError(
+            f"{where}: {name}: {parts[0].stored_key} disagree with the data's zero padding: "
+            f"{data_seen} of {total} samples are zero-padded, {stored_seen} where those lengths "
+            "say (lengths in another unit, or for other sequences?)"
+        )
+
+
 def normalise_padding(
     splits: dict[str, SplitArrays], units: dict[str, Units], requested: str, where: str
 ) -> str:
@@ -148,6 +170,7 @@ def normalise_padding(
     phrases = []
     for name, parts in by_name.items():
         counts = [count_sides(seq) for seq in parts]
+        _check_stored(name, parts, sum(map(sum, counts)), where)
         side, phrase = _choose(name, tuple(map(sum, zip(*counts, strict=True))), requested, where)
         phrases.append(phrase)
         for seq in parts:
