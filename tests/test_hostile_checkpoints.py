@@ -199,6 +199,22 @@ def test_resume_from_a_broken_last_checkpoint(run, tmp_path, capsys, edit, needl
     assert needle in err[-1]
 
 
+def test_evaluating_on_other_data_of_the_same_shape_is_said(run, caplog):
+    """Other data with the model's dims are allowed (cross-dataset evaluation) but logged:
+    numbers on them are not the run's (a relabelled file used to evaluate without a word)."""
+    import logging
+
+    from msakit.evaluate import evaluate_checkpoint
+
+    best = run / "seed_1" / "best.pt"
+    with caplog.at_level(logging.WARNING, logger="msakit"):
+        evaluate_checkpoint(best)
+        assert not [r for r in caplog.records if "other data" in r.getMessage()]
+        evaluate_checkpoint(best, ["data.synthetic.label_noise=0.9"])
+    said = [r.getMessage() for r in caplog.records if "other data" in r.getMessage()]
+    assert said == [f"{best}: evaluated on other data than it was trained on (the data's content (fingerprint))"]
+
+
 def test_valid_checkpoints_still_load(run):
     for name in ("best.pt", "last.pt"):
         state = load_checkpoint(run / "seed_1" / name)

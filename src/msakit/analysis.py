@@ -33,7 +33,7 @@ from msakit.data.base import DatasetInfo, SplitArrays
 from msakit.losses import task_loss
 from msakit.metrics import SELECTION_DEFAULTS, compute_metrics
 from msakit.modules.shapley import shapley_values, subset_masks, subset_players
-from msakit.train.checkpoint import CheckpointError, write_json
+from msakit.train.checkpoint import write_json
 from msakit.train.loop import resolve_device
 
 LOWER_IS_BETTER = ("mae", "loss")
@@ -140,15 +140,11 @@ def analyze_checkpoint(
 ) -> dict:
     """Rebuild a checkpoint's model and data, run `modality_contributions` on `split`, and (with
     out_dir) write shapley.json and shapley.png there. `data` skips loading the data again."""
-    from msakit.evaluate import load_model_from_checkpoint
+    from msakit.evaluate import check_data, load_model_from_checkpoint
 
     model, cfg, saved_info = load_model_from_checkpoint(checkpoint, data_overrides)
     data = data if data is not None else load_dataset(cfg.data)
-    if data.info.feature_dims != saved_info.feature_dims or data.info.output_dim != saved_info.output_dim:
-        raise CheckpointError(
-            f"{checkpoint}: trained on {saved_info.name} (dims {saved_info.feature_dims}); "
-            f"{data.info.name} has dims {data.info.feature_dims}"
-        )
+    check_data(checkpoint, model, saved_info, data)
     if split not in data.splits:
         raise ConfigError(f"unknown split {split!r}; choose from {sorted(data.splits)}")
     device = resolve_device(cfg.train.device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +11,8 @@ from msakit.data import DataError, DatasetInfo, load_dataset
 from msakit.registry import create_model
 from msakit.train.checkpoint import CheckpointError, load_checkpoint, write_text
 from msakit.train.loop import evaluate, predictions_csv, resolve_device
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -37,7 +40,31 @@ def load_model_from_checkpoint(path: str | Path, data_overrides: list[str] = ())
     info = DatasetInfo.from_dict(state["info"])
     model = create_model(cfg.model_name, cfg.model, info)
     model.load_state_dict(state["model"])
+    model.trained_on = state.get("data_fingerprint")  # read by `check_data`
     return model.eval(), cfg, info
+
+
+def check_data(path: str | Path, model, saved_info: DatasetInfo, data) -> None:
+    """Whether `data` can be read by the model of checkpoint `path` (loaded by
+    `load_model_from_checkpoint`, trained on `saved_info`): other feature dims or outputs raise
+    CheckpointError; other data of the same shape (another fingerprint, label range or metric
+    family) are allowed, since evaluating on other data is legitimate, but logged as a warning:
+    numbers on it are not the run's."""
+    from msakit.train.runfolder import data_fingerprint
+
+    if data.info.feature_dims != saved_info.feature_dims or data.info.output_dim != saved_info.output_dim:
+        raise CheckpointError(
+            f"{path}: trained on {saved_info.name} (dims {saved_info.feature_dims}, "
+            f"{saved_info.output_dim} outputs); {data.info.name} has dims {data.info.feature_dims}, "
+            f"{data.info.output_dim} outputs"
+        )
+    differs = [f"{key} {getattr(saved_info, key)} -> {getattr(data.info, key)}"
+               for key in ("label_range", "metric_family") if getattr(saved_info, key) != getattr(data.info, key)]
+    trained_on = getattr(model, "trained_on", None)
+    if trained_on and data_fingerprint(data)["blake2b"] != trained_on.get("blake2b"):
+        differs.append("the data's content (fingerprint)")
+    if differs:
+        log.warning("%s: evaluated on other data than it was trained on (%s)", path, "; ".join(differs))
 
 
 def evaluate_checkpoint(
@@ -54,12 +81,7 @@ def evaluate_checkpoint(
         where = cfg.data.data_path or cfg.data.data_root
         raise DataError(f"{e} (the run read its data from {where}; pass --data-root DIR or --data-path FILE "
                         "to evaluate on data that has moved)") from e
-    if data.info.feature_dims != saved_info.feature_dims or data.info.output_dim != saved_info.output_dim:
-        raise CheckpointError(
-            f"{path}: trained on {saved_info.name} (dims {saved_info.feature_dims}, "
-            f"{saved_info.output_dim} outputs); {data.info.name} has dims {data.info.feature_dims}, "
-            f"{data.info.output_dim} outputs"
-        )
+    check_data(path, model, saved_info, data)
     device = resolve_device(cfg.train.device)
     metrics, prediction = evaluate(model.to(device), data.splits[split], data.info, cfg.data.batch_size, device)
     if predictions is not None:

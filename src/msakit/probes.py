@@ -151,11 +151,10 @@ def fit_probe(features: dict[str, np.ndarray], data, metric: str) -> dict:
 
 def probe_checkpoint(checkpoint, data, metrics: list[str], data_overrides=(), only: str | None = None) -> dict:
     """{modality: {"module", metric: {"alpha", "valid", "test"}}} for one checkpoint."""
-    from msakit.evaluate import load_model_from_checkpoint
+    from msakit.evaluate import check_data, load_model_from_checkpoint
 
     model, cfg, saved = load_model_from_checkpoint(checkpoint, data_overrides)
-    if saved.feature_dims != data.info.feature_dims:
-        raise CheckpointError(f"{checkpoint}: trained on dims {saved.feature_dims}, data has {data.info.feature_dims}")
+    check_data(checkpoint, model, saved, data)
     device = resolve_device(cfg.train.device)
     model = model.to(device)
     names = {m: path for m, (path, _) in encoder_modules(model).items()}

@@ -141,7 +141,7 @@ def robustness_report(
     """runs: {label: [checkpoint, ...]} (a run's training seeds). Evaluates every checkpoint under
     every protocol, level and corruption seed; returns {"metric", "split", "seeds", "runs": {label:
     summary}} and, with out_dir, writes robustness.json / .md / .png there."""
-    from msakit.evaluate import load_model_from_checkpoint
+    from msakit.evaluate import check_data, load_model_from_checkpoint
 
     bad = [p for p in protocols if p not in PROTOCOL_CHOICES]
     if bad:
@@ -157,9 +157,7 @@ def robustness_report(
             model, cfg, saved = load_model_from_checkpoint(checkpoint, data_overrides)
             key = repr(cfg.to_dict()["data"])
             data = datasets.get(key) or datasets.setdefault(key, load_dataset(cfg.data))
-            if data.info.feature_dims != saved.feature_dims or data.info.output_dim != saved.output_dim:
-                raise CheckpointError(f"{checkpoint}: trained on {saved.name} (dims {saved.feature_dims}); "
-                                      f"{data.info.name} has dims {data.info.feature_dims}")
+            check_data(checkpoint, model, saved, data)
             if split not in data.splits:
                 raise ConfigError(f"--split {split!r}: choose from {sorted(data.splits)}")
             chosen = metric or DEFAULT_METRICS.get(data.info.metric_family, "mae")
