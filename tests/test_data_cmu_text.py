@@ -69,6 +69,22 @@ def test_bad_label_files_are_named(tmp_path, text, message):
     assert message in str(error.value)
 
 
+def test_mmsa_release_layout_is_read(tmp_path):
+    """MMSA's own label.csv layout (video_id, clip_id, text, label, annotation, mode) for both."""
+    rows = [line.split(",") for line in MOSI.splitlines()[1:]]
+    mmsa = "video_id,clip_id,text,label,annotation,mode\n" + "".join(
+        f"{sid.split('_')[0]},{sid.split('_')[1]},{text},{label},Neutral,{mode}\n" for sid, text, label, mode in rows)
+    for name, folder in (("mosi-text", "mosi-labels"), ("mosei-text", "mosei-labels")):
+        root = write_root(tmp_path / name, mmsa, folder)
+        data = load_dataset(DataConfig(name=name, data_root=str(root), text_encoder="none"))
+        plain = load_dataset(DataConfig(name="mosi-text", data_root=str(write_root(tmp_path / "plain")),
+                                        text_encoder="none"))
+        for split in ("train", "valid", "test"):
+            assert data.splits[split].ids == plain.splits[split].ids
+            assert data.splits[split].texts == plain.splits[split].texts
+            np.testing.assert_array_equal(data.splits[split].labels, plain.splits[split].labels)
+
+
 def test_default_model_is_the_frozen_encoder_head():
     assert default_model("mosei-text") == "unimodal" and default_model("synthetic") is None
     assert build_config({"data": {"name": "mosei-text"}}).model_name == "unimodal"

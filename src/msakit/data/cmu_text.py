@@ -5,6 +5,8 @@ Files, under data_root (MMSA-style label files, as the MMSA releases ship them):
                              test 685); id "<video>_<clip>"; text lower-case
     mosei-labels/label.csv   header `video_id,clip_id,text,label,mode`; 22,788 segments
                              (train 16,274 / valid 1,861 / test 4,653); natural case, CSV-quoted
+Both also accept MMSA's own layout `video_id,clip_id,text,label,annotation,mode` (id
+"<video_id>_<clip_id>"; annotation not read).
 `mode` is the official CMU split ("dev" and "valid" both mean our "valid"); `label` is the
 continuous sentiment in [-3, 3]. Another header (e.g. the MOSEI file given as mosi-text) is an
 error naming the file and the columns found, never a silent misread.
@@ -56,26 +58,33 @@ log = logging.getLogger(__name__)
 SENTENCE_MAX_TOKENS = 128
 """Tokens per transcript for the frozen sentence embedding ([CLS]/[SEP] included)."""
 MODES = {"train": "train", "valid": "valid", "dev": "valid", "test": "test"}
+MMSA_HEADER = ("video_id", "clip_id", "text", "label", "annotation", "mode")
+"""The layout of MMSA's own label.csv releases (the annotation column is not read)."""
 LAYOUTS = {
-    "mosi-text": ("mosi-labels/label.csv", ("id", "text", "label", "mode"), 2195),
-    "mosei-text": ("mosei-labels/label.csv", ("video_id", "clip_id", "text", "label", "mode"), 22788),
+    "mosi-text": ("mosi-labels/label.csv", (("id", "text", "label", "mode"), MMSA_HEADER), 2195),
+    "mosei-text": ("mosei-labels/label.csv", (("video_id", "clip_id", "text", "label", "mode"), MMSA_HEADER), 22788),
 }
-"""dataset -> (file under data_root, exact header, official number of segments)."""
+"""dataset -> (file under data_root, the exact headers accepted, official number of segments; a
+file with another number is read with a warning, which is all that tells the two corpora apart
+in MMSA's shared layout)."""
 
 __all__ = ["read_label_csv", "sentence_features", "text_extraction"]
 
 
-def read_label_csv(path: Path, header: tuple[str, ...]) -> dict[str, tuple[list[str], list[str], np.ndarray]]:
-    """label.csv -> {split: (ids, texts, labels [N] float32)}; DataError naming the file (and
-    line) for a missing file, another header, an unknown mode, a bad label or an empty text."""
+def read_label_csv(path: Path, headers: tuple[tuple[str, ...], ...]) -> dict[str, tuple[list[str], list[str], np.ndarray]]:
+    """label.csv with one of `headers` -> {split: (ids, texts, labels [N] float32)}; DataError
+    naming the file (and line) for a missing file, another header, an unknown mode, a bad label
+    or an empty text."""
+    expected = " or ".join(repr(",".join(h)) for h in headers)
     if not path.is_file():
-        raise DataError(f"{path}: not found (expected the MMSA label file with header {','.join(header)})")
+        raise DataError(f"{path}: not found (expected the MMSA label file with header {expected})")
     with open(path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.reader(handle)
         rows = [(reader.line_num, row) for row in reader]  # the file line each record ends on
-    if not rows or tuple(c.strip() for c in rows[0][1]) != header:
+    header = tuple(c.strip() for c in rows[0][1]) if rows else ()
+    if header not in headers:
         found = ",".join(rows[0][1]) if rows else "(empty file)"
-        raise DataError(f"{path}: header is {found!r}, expected {','.join(header)!r}")
+        raise DataError(f"{path}: header is {found!r}, expected {expected}")
     splits: dict[str, tuple[list[str], list[str], list[float]]] = {s: ([], [], []) for s in ("train", "valid", "test")}
     for line, row in rows[1:]:
         if len(row) != len(header):
@@ -153,9 +162,9 @@ def sentence_features(texts: list[str], source: str, max_tokens: int = SENTENCE_
 def load_cmu_text(cfg: DataConfig, name: str) -> MultimodalData:
     if not cfg.data_root:
         raise DataError(f"{name}: data.data_root is not set (--data-root DIR or $MSAKIT_DATA)")
-    relative, header, official = LAYOUTS[name]
+    relative, headers, official = LAYOUTS[name]
     path = Path(cfg.data_root) / relative
-    raw = read_label_csv(path, header)
+    raw = read_label_csv(path, headers)
     total = sum(len(ids) for ids, _, _ in raw.values())
     notes = [f"text-only: audio and vision are a single zero frame; {total} segments from {path}"]
     if total != official:
