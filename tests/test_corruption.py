@@ -189,6 +189,19 @@ def test_transcript_words_become_unk():
     assert abs(half.count(UNK_TOKEN) / 2000 - 0.5) < 0.05
 
 
+def test_shapley_subsets_without_text_hide_the_transcripts_too():
+    """A model reading Batch.texts (text_bert, PSA-MF) kept the whole text in every subset, so
+    `msakit analyze` gave text a Shapley value of 0 on a text-only model."""
+    from msakit.analysis import mask_modalities
+
+    batch = make_batch(size=2, texts=["a b c", "one two"])
+    without_text = mask_modalities(batch, [False, True, True])
+    assert without_text.texts == [" ".join([UNK_TOKEN] * 3), f"{UNK_TOKEN} {UNK_TOKEN}"]
+    assert not without_text.text.any() and torch.equal(without_text.audio, batch.audio)
+    assert mask_modalities(batch, [True, False, False]).texts == ["a b c", "one two"]
+    assert mask_modalities(make_batch(size=1), [False, True, True]).texts is None
+
+
 def test_batch_corruption_is_keyed_and_random_mode_keeps_half_complete():
     batch = make_batch(size=400, steps=20)
     transform = BatchCorruption("drop", 1.0, seed=5, mode="random")

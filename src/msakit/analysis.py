@@ -28,6 +28,7 @@ from torch import nn
 
 from msakit.batch import MODALITIES, Batch
 from msakit.config import ConfigError
+from msakit.corruption import UNK_TOKEN
 from msakit.data import MultimodalData, load_dataset, to_loader
 from msakit.data.base import DatasetInfo, SplitArrays
 from msakit.losses import task_loss
@@ -48,8 +49,12 @@ def metric_rule(info: DatasetInfo, metric: str | None) -> tuple[str, str]:
 
 
 def mask_modalities(batch: Batch, keep: list[bool]) -> Batch:
-    """The batch with the features of every modality m where keep[m] is False set to zero."""
-    changes = {m: torch.zeros_like(batch.features(m)) for m, k in zip(MODALITIES, keep, strict=True) if not k}
+    """The batch with the features of every modality m where keep[m] is False set to zero, and
+    with text absent every transcript word [UNK] (as `corruption.remove_modalities` does), so
+    that models reading `Batch.texts` (text_bert, PSA-MF) lose the text too."""
+    changes: dict = {m: torch.zeros_like(batch.features(m)) for m, k in zip(MODALITIES, keep, strict=True) if not k}
+    if "text" in changes and batch.texts is not None:
+        changes["texts"] = [" ".join(UNK_TOKEN for _ in t.split()) for t in batch.texts]
     return dataclasses.replace(batch, **changes)
 
 
