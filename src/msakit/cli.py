@@ -195,7 +195,11 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def _run_labels(dirs: list[str]) -> dict[str, str]:
-    """label -> folder; the folder name, made unique with its parent's name where needed."""
+    """label -> folder; the folder name, made unique with its parent's name where needed.
+    Raises ConfigError for a folder given twice."""
+    resolved = [Path(d).resolve() for d in dirs]
+    if len(set(resolved)) < len(resolved):
+        raise ConfigError(f"a run folder is given twice ({', '.join(dirs)})")
     names = [Path(d).name or str(d) for d in dirs]
     return {(n if names.count(n) == 1 else f"{Path(d).parent.name}/{n}"): d for n, d in zip(names, dirs, strict=True)}
 

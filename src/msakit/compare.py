@@ -27,6 +27,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import logging
 import math
 import warnings
 from pathlib import Path
@@ -35,10 +36,16 @@ import numpy as np
 from scipy import stats
 
 from msakit.analysis import LOWER_IS_BETTER
+from msakit.config import ConfigError
 from msakit.data.base import DatasetInfo
 from msakit.metrics import compute_metrics
 from msakit.robustness import DEFAULT_METRICS
 from msakit.train.checkpoint import CheckpointError, write_json, write_text
+
+log = logging.getLogger(__name__)
+
+BOOTSTRAP_SKIPS = ("loss",)
+"""Test metrics without a bootstrap: the loss is not a function of the predictions alone."""
 
 
 def confidence_interval(values, level: float = 0.95) -> tuple[float, float]:
@@ -63,12 +70,13 @@ def paired_t_test(a, b) -> tuple[float, float]:
     return float(t), float(2 * stats.t.sf(abs(t), n - 1))
 
 
-def per_sample_terms(metric: str, prediction: np.ndarray, label: np.ndarray, task: str):
+def per_sample_terms(metric: str, prediction: np.ndarray, label: np.ndarray, info: DatasetInfo):
     """(score [N], weight [N]) with metric = sum(score) / sum(weight) over any sample multiset,
-    for the decomposable metrics; None for others (F1, Corr: computed per resample)."""
-    if task == "classification":
+    for the decomposable metrics of classification and of the MOSI family (whose definitions
+    these are); None for others (F1, Corr, every CH-SIMS metric: computed per resample)."""
+    if info.task == "classification":
         return ((prediction == label).astype(float), np.ones(len(label))) if metric in ("acc",) else None
-    if task != "regression":
+    if info.task != "regression" or info.metric_family != "mosi":
         return None
     p, y = prediction, label
     ones = np.ones(len(y))
@@ -88,7 +96,7 @@ def per_sample_terms(metric: str, prediction: np.ndarray, label: np.ndarray, tas
 def resampled_metric(metric: str, prediction: np.ndarray, label: np.ndarray, info: DatasetInfo,
                      indices: np.ndarray) -> np.ndarray:
     """The metric on each resample: indices [B, N] -> [B]."""
-    terms = per_sample_terms(metric, prediction, label, info.task)
+    terms = per_sample_terms(metric, prediction, label, info)
     if terms is not None:
         score, weight = terms
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -149,7 +157,8 @@ def load_run(run_dir: str | Path) -> dict:
         per_seed = {int(r["seed"]): r["test"] for r in results["per_seed"]}
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: not a msakit results file ({e})") from e
-    return {"dir": run_dir, "model": results.get("model", "?"), "info": info, "test": per_seed}
+    return {"dir": run_dir, "model": results.get("model", "?"), "info": info, "test": per_seed,
+            "fingerprint": results.get("data_fingerprint")}
 
 
 def _predictions(run: dict, seed: int):
@@ -162,10 +171,18 @@ def _predictions(run: dict, seed: int):
 def compare_runs(runs: dict[str, str | Path], metric: str | None = None, resamples: int = 2000,
                  seed: int = 0, out_dir: str | Path | None = None) -> dict:
     """runs: {label: run folder}. -> {"metric", "runs": {label: stats}, "pairs": [...]}."""
+    if resamples < 1:
+        raise ConfigError(f"--bootstrap {resamples}: give at least 1 resample")
+    folders = [Path(d).resolve() for d in runs.values()]
+    if len(set(folders)) < len(folders):
+        raise ConfigError(f"compare: a run folder is given twice ({', '.join(map(str, runs.values()))})")
     loaded = {label: load_run(d) for label, d in runs.items()}
     infos = {(r["info"].name, r["info"].metric_family) for r in loaded.values()}
     if len(infos) > 1:
         raise CheckpointError(f"compare: the runs are on different datasets {sorted(infos)}")
+    if len({json.dumps(r["fingerprint"], sort_keys=True) for r in loaded.values()}) > 1:
+        log.warning("compare: the runs were trained on different data of %s (their data fingerprints "
+                    "differ); the pairs compare models and data together", next(iter(infos))[0])
     family = next(iter(loaded.values()))["info"].metric_family
     metric = metric or DEFAULT_METRICS.get(family, "mae")
     table = {}
@@ -191,12 +208,16 @@ def compare_runs(runs: dict[str, str | Path], metric: str | None = None, resampl
         for s in shared:
             pa, pb = _predictions(a, s), _predictions(b, s)
             if pa is None or pb is None:
+                missing = [str(r["dir"] / f"seed_{s}" / "predictions_test.csv") for r, x in ((a, pa), (b, pb))
+                           if x is None]
+                log.warning("compare %s vs %s: seed %d left out of the bootstrap (missing %s)",
+                            la, lb, s, ", ".join(missing))
                 continue
             if pa[0] != pb[0] or not np.array_equal(pa[1], pb[1]):
                 raise CheckpointError(f"{a['dir']} and {b['dir']}: seed {s} predicted different test "
                                       "samples or labels; the bootstrap needs the same test split")
             preds.append((pa[2], pb[2], pa[1]))
-        if preds:
+        if preds and metric not in BOOTSTRAP_SKIPS:
             entry["bootstrap"] = {"seeds": len(preds), "resamples": resamples,
                                   **paired_bootstrap([(x, y) for x, y, _ in preds], preds[0][2], metric,
                                                      a["info"], resamples, seed)}
