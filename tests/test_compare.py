@@ -122,6 +122,10 @@ def test_compare_says_what_it_cannot_pair(tmp_path, capsys, caplog):
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, err
     assert main(["compare", a, b, "--metric", "loss", *out]) == 0  # no bootstrap of the loss
+    capsys.readouterr()
+    assert main(["compare", a, b, *out]) == 2  # a finished report is not replaced by a rerun
+    assert "cmp: already holds compare.json; pass --overwrite" in capsys.readouterr().err
+    out.append("--overwrite")
     assert "bootstrap" not in json.loads((tmp_path / "cmp" / "compare.json").read_text())["pairs"][0]
     (tmp_path / "b" / "seed_2" / "predictions_test.csv").unlink()
     with caplog.at_level(logging.WARNING, logger="msakit"):

@@ -146,7 +146,28 @@ def test_robustness_bad_input_is_one_line_exit_2(argv, message, capsys):
     assert message in err and len(err.splitlines()) == 1
 
 
-def test_robustness_bad_levels(two_runs, capsys):
+@pytest.mark.parametrize("level", ["1.5", "nan", "-0.1"])
+def test_robustness_bad_levels(two_runs, capsys, level):
     assert main(["robustness", "--checkpoint", str(two_runs / "lf" / "seed_1" / "best.pt"),
-                 "--levels", "1.5", "--protocol", "drop"]) == 2
-    assert "--levels" in capsys.readouterr().err
+                 "--levels", level, "--protocol", "drop", "--out", str(two_runs / "bad")]) == 2
+    assert "--levels must be numbers in [0, 1]" in capsys.readouterr().err
+    assert not (two_runs / "bad").exists()
+
+
+def test_a_finished_report_is_not_replaced_without_overwrite(two_runs, capsys):
+    """A rerun with a typo (--levels nan was accepted) replaced a 4-protocol x 10-level report."""
+    checkpoint = str(two_runs / "lf" / "seed_1" / "best.pt")
+    out = two_runs / "kept"
+    argv = ["robustness", "--checkpoint", checkpoint, "--levels", "0", "1", "--protocol", "drop", "--out", str(out)]
+    assert main(argv) == 0
+    before = (out / "robustness.json").read_bytes()
+    capsys.readouterr()
+    assert main([*argv[:-4], "--protocol", "noise", "--out", str(out)]) == 2
+    assert "already holds robustness.json; pass --overwrite" in capsys.readouterr().err
+    assert (out / "robustness.json").read_bytes() == before
+    assert main([*argv, "--overwrite"]) == 0
+    for command in (["analyze", "--checkpoint", checkpoint], ["compare", str(two_runs / "lf"), str(two_runs / "tfn")]):
+        assert main([*command, "--out", str(out / "x")]) == 0
+        capsys.readouterr()
+        assert main([*command, "--out", str(out / "x")]) == 2
+        assert "already holds" in capsys.readouterr().err

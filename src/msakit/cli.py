@@ -89,6 +89,16 @@ def _check_out(path: Path, flag: str, folder: bool, overwrite: bool = True) -> N
         raise ConfigError(f"{flag} {path}: exists; pass --overwrite to replace it, or give another file")
 
 
+def _check_report_folder(out: Path, names: tuple[str, ...], overwrite: bool) -> None:
+    """Refuse (before any work) a report folder that is a file, or that already holds one of the
+    report's files `names`, unless `overwrite`: a mistyped rerun must not replace a finished report."""
+    _check_out(out, "--out", folder=True)
+    held = [name for name in names if (out / name).exists()]
+    if held and not overwrite:
+        raise ConfigError(f"--out {out}: already holds {held[0]}; pass --overwrite to replace the report, "
+                          "or give another folder")
+
+
 def _run_overrides(args: argparse.Namespace) -> list[str]:
     """The flags of train/tune that are config overrides (data, model, seeds, epochs, device)."""
     sets = _data_overrides(args)
@@ -178,7 +188,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from msakit.analysis import analyze_checkpoint, format_contributions
 
     out = Path(args.out or Path(args.checkpoint).parent / "analysis")
-    _check_out(out, "--out", folder=True)
+    _check_report_folder(out, ("probes.json",) if args.probes else ("shapley.json", "shapley.png"), args.overwrite)
     if args.probes:
         return _probes(args, out)
     if args.alone:
@@ -216,6 +226,7 @@ def cmd_robustness(args: argparse.Namespace) -> int:
         runs = {label: run_checkpoints(d) for label, d in _run_labels(args.runs).items()}
         default_out = Path(args.runs[0]) / "robustness"
     out = Path(args.out or default_out)
+    _check_report_folder(out, ("robustness.json", "robustness.md", "robustness.png"), args.overwrite)
     report = robustness_report(runs, protocols=args.protocol, levels=args.levels, seeds=args.seeds,
                                metric=args.metric, split=args.split, data_overrides=_data_overrides(args),
                                out_dir=out)
@@ -231,6 +242,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     runs = _run_labels(args.runs)
     out = Path(args.out or Path(args.runs[0]).parent / "compare")
+    _check_report_folder(out, ("compare.json", "compare.md", "curves.png"), args.overwrite)
     report = compare_runs(runs, metric=args.metric, resamples=args.bootstrap, seed=args.seed, out_dir=out)
     direction = "lower" if report["lower_is_better"] else "higher"
     print(f"\ntest {report['metric']} ({direction} is better); std over seeds is the population std")
@@ -457,6 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="linear probes of the frozen per-modality encoders instead of Shapley values")
     analyze.add_argument("--alone", nargs="+", metavar="MODALITY=CHECKPOINT",
                          help="with --probes: checkpoints of the same model trained on that modality alone")
+    analyze.add_argument("--overwrite", action="store_true", help="replace a report already in --out")
     analyze.set_defaults(handler=cmd_analyze)
 
     from msakit.robustness import DEFAULT_LEVELS, PROTOCOL_CHOICES
@@ -475,6 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     robust.add_argument("--split", default="test", choices=["train", "valid", "test"])
     robust.add_argument("--out", help="folder for robustness.json/md/png (default: beside the checkpoint "
                         "or in the first run folder)")
+    robust.add_argument("--overwrite", action="store_true", help="replace a report already in --out")
     robust.set_defaults(handler=cmd_robustness)
 
     compare = _subparser(commands, "compare", "compare finished runs: table, significance, curves",
@@ -484,6 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples of the test set")
     compare.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling")
     compare.add_argument("--out", help="folder for compare.json/md and curves.png (default: RUN_DIR/../compare)")
+    compare.add_argument("--overwrite", action="store_true", help="replace a report already in --out")
     compare.set_defaults(handler=cmd_compare)
 
 

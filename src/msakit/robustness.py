@@ -65,7 +65,7 @@ def relative_drop(clean: float, value: float, lower_is_better: bool) -> float:
 
 def _check_levels(levels) -> list[float]:
     levels = sorted({float(r) for r in levels})
-    if not levels or levels[0] < 0 or levels[-1] > 1:
+    if not levels or not all(0 <= r <= 1 for r in levels):  # NaN fails every comparison
         raise ConfigError(f"--levels must be numbers in [0, 1], got {levels}")
     return levels
 
