@@ -225,6 +225,24 @@ def test_corruption_config_is_validated():
     assert not transform(make_batch(), 0).text_mask.any()
 
 
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"protocol": "drop"}, "protocol drop at rate 0 corrupts nothing"),
+    ({"protocol": "noise", "mode": "random"}, "protocol noise at rate 0"),
+    ({"rate": 0.5}, "rate has no effect with protocol none"),
+    ({"protocol": "conditions", "condition": "a", "rate": 0.5}, "rate has no effect with protocol conditions"),
+    ({"protocol": "drop", "rate": 0.3, "condition": "a"}, "condition has no effect with protocol drop"),
+    ({"protocol": "conditions", "mode": "random", "condition": "a"}, "condition has no effect with protocol "
+                                                                      "conditions, mode random"),
+    ({"mode": "random"}, "mode has no effect with protocol none"),
+    ({"protocol": "drop", "rate": 0.3, "complete_fraction": 0.2}, "complete_fraction has no effect"),
+    ({"validate": True}, "validate has no effect with protocol none"),
+])
+def test_settings_that_would_do_nothing_are_refused(settings, message):
+    """Accepted before, and the run trained clean (or otherwise than its config said)."""
+    with pytest.raises(ValueError, match=message):
+        CorruptionConfig(**settings)
+
+
 CASES = [*CONDITIONS, "none"]
 
 

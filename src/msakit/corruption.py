@@ -276,6 +276,19 @@ class CorruptionConfig:
             raise ValueError(f"complete_fraction must be in [0, 1], got {self.complete_fraction}")
         if self.protocol == "conditions" and self.mode == "fixed" and self.condition not in CONDITIONS:
             raise ValueError(f"protocol conditions, mode fixed needs condition in {', '.join(CONDITIONS)}")
+        # settings that would be accepted and do nothing: the run would train clean (or otherwise
+        # than its config says) without a word
+        if self.protocol in PROTOCOLS and self.rate == 0:
+            raise ValueError(f"protocol {self.protocol} at rate 0 corrupts nothing; set train.corruption.rate")
+        unused = [name for name, used in (
+            ("rate", self.protocol in PROTOCOLS or self.rate == 0),
+            ("condition", (self.protocol, self.mode) == ("conditions", "fixed") or not self.condition),
+            ("mode", self.protocol != "none" or self.mode == "fixed"),
+            ("complete_fraction", self.mode == "random" or self.complete_fraction == 0.5),
+            ("validate", self.protocol != "none" or not self.validate),
+        ) if not used]
+        if unused:
+            raise ValueError(f"{unused[0]} has no effect with protocol {self.protocol}, mode {self.mode}")
 
     @property
     def active(self) -> bool:
