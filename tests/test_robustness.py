@@ -171,3 +171,23 @@ def test_a_finished_report_is_not_replaced_without_overwrite(two_runs, capsys):
         capsys.readouterr()
         assert main([*command, "--out", str(out / "x")]) == 2
         assert "already holds" in capsys.readouterr().err
+
+
+def test_block_on_sequences_of_two_frames_is_said(two_runs, caplog):
+    """block keeps each sequence's first and last frame, so on utterance-level data (mosi-poria:
+    one frame) its curve is the clean score: said, not just printed."""
+    import logging
+
+    from msakit.robustness import robustness_report
+
+    short = ["data.synthetic.text_length=2", "data.synthetic.audio_length=2", "data.synthetic.vision_length=2",
+             "data.synthetic.min_length_fraction=1.0"]
+    checkpoint = two_runs / "lf" / "seed_1" / "best.pt"
+    with caplog.at_level(logging.WARNING, logger="msakit"):
+        robustness_report({"lf": [checkpoint]}, protocols=["block"], levels=[0, 1], seeds=[1])
+        assert not [r for r in caplog.records if "block removes no frame" in r.getMessage()]
+        report = robustness_report({"lf": [checkpoint]}, protocols=["block"], levels=[0, 1], seeds=[1],
+                                   data_overrides=short)
+    assert [r for r in caplog.records if "block removes no frame" in r.getMessage()]
+    curve = report["runs"]["lf"]["protocols"]["block"]
+    assert curve["mean"][1] == curve["mean"][0]

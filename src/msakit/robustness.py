@@ -22,6 +22,7 @@ robustness.md and robustness.png into `out_dir`.
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -33,6 +34,8 @@ from msakit.corruption import CONDITIONS, PROTOCOLS, BatchCorruption, feature_st
 from msakit.data import load_dataset
 from msakit.train.checkpoint import CheckpointError, write_json, write_text
 from msakit.train.loop import predict, resolve_device
+
+log = logging.getLogger(__name__)
 
 DEFAULT_LEVELS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 PROTOCOL_CHOICES = (*PROTOCOLS, "conditions")
@@ -160,6 +163,11 @@ def robustness_report(
             check_data(checkpoint, model, saved, data)
             if split not in data.splits:
                 raise ConfigError(f"--split {split!r}: choose from {sorted(data.splits)}")
+            arrays = data.splits[split]
+            if "block" in protocols and all(int(n.max(initial=0)) <= 2 for n in arrays.lengths.values()):
+                log.warning("%s: block removes no frame from sequences of at most 2 frames (it keeps the "
+                            "first and last), only transcript words: on %s its curve equals the clean "
+                            "score for models that do not read the transcripts", checkpoint, data.info.name)
             chosen = metric or DEFAULT_METRICS.get(data.info.metric_family, "mae")
             if report.setdefault("metric", chosen) != chosen:
                 raise ConfigError(f"{checkpoint}: its default metric {chosen} differs from the other runs' "
