@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -60,14 +62,24 @@ def test_probes_command(tmp_path, capsys):
     assert main(["train", "--epochs", "1", "--out", str(tmp_path / "run"), *SMALL]) == 0
     capsys.readouterr()
     ckpt = str(tmp_path / "run" / "seed_1" / "best.pt")
+    # a model trained on all three is no "alone" model (it was accepted, and compared with itself)
     assert main(["analyze", "--probes", "--checkpoint", ckpt, "--alone", f"audio={ckpt}",
+                 "--out", str(tmp_path / "p")]) == 2
+    assert "not trained on audio alone" in capsys.readouterr().err
+    assert main(["train", "--epochs", "1", "--out", str(tmp_path / "audio"), *SMALL, "train.corruption.protocol=conditions",
+                 "train.corruption.condition=a"]) == 0
+    capsys.readouterr()
+    alone = str(tmp_path / "audio" / "seed_1" / "best.pt")
+    assert main(["analyze", "--probes", "--checkpoint", ckpt, "--alone", f"audio={alone}",
                  "--out", str(tmp_path / "p")]) == 0
     printed = capsys.readouterr().out
     assert "encoders['audio']" in printed and (tmp_path / "p" / "probes.json").is_file()
-    row = next(line for line in printed.splitlines() if line.startswith("| audio"))
-    cells = [c.strip() for c in row.split("|")[3:-1]]
-    assert cells[:2] == cells[2:]  # the same checkpoint as its own "alone" model: same probe scores
+    report = json.loads((tmp_path / "p" / "probes.json").read_text())
+    assert report["alone"]["audio"]["checkpoint"] == alone and set(report["alone"]) == {"audio"}
     assert main(["analyze", "--probes", "--checkpoint", ckpt, "--alone", "sound=x"]) == 2
+    capsys.readouterr()
+    assert main(["analyze", "--probes", "--checkpoint", ckpt, "--split", "valid"]) == 2  # was ignored
+    assert "--split does not apply to --probes" in capsys.readouterr().err
 
 
 def test_pase_is_probed_on_its_own_expert_path_not_the_linear_projection():

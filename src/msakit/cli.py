@@ -190,9 +190,13 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     out = Path(args.out or Path(args.checkpoint).parent / "analysis")
     _check_report_folder(out, ("probes.json",) if args.probes else ("shapley.json", "shapley.png"), args.overwrite)
     if args.probes:
+        if args.split:
+            raise ConfigError("--split does not apply to --probes (fitted on train, strength chosen on "
+                              "valid, scored on test)")
         return _probes(args, out)
     if args.alone:
         raise ConfigError("--alone needs --probes")
+    args.split = args.split or "test"
     result = analyze_checkpoint(args.checkpoint, _data_overrides(args), split=args.split,
                                 metric=args.metric, out_dir=out)
     print(f"\n{result['model']} on {result['dataset']} ({args.split} split): modality subsets "
@@ -462,7 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
                          ANALYZE_EXAMPLES)
     analyze.add_argument("--checkpoint", required=True)
     _add_data_args(analyze)
-    analyze.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    analyze.add_argument("--split", choices=["train", "valid", "test"],
+                         help="split of the Shapley values (default test; probes always fit on train, "
+                              "choose on valid and score on test)")
     analyze.add_argument("--metric", help="metric of the utility (default: the selection metric)")
     analyze.add_argument("--out", help="folder for shapley.json/png (default: <checkpoint dir>/analysis)")
     analyze.add_argument("--probes", action="store_true",

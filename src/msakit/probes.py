@@ -187,6 +187,7 @@ def probe_report(checkpoint, alone: dict[str, str] | None = None, metrics: list[
     for m, path in (alone or {}).items():
         if m not in MODALITIES:
             raise ConfigError(f"--alone {m}=...: modality must be one of {', '.join(MODALITIES)}")
+        _check_alone(m, path, data_overrides)
         got = probe_checkpoint(path, data, metrics, data_overrides, only=m)["probes"]
         if m not in got:
             raise CheckpointError(f"{path}: exposes no {m} encoder")
@@ -194,6 +195,23 @@ def probe_report(checkpoint, alone: dict[str, str] | None = None, metrics: list[
     if out_dir is not None:
         write_json(report, Path(out_dir) / "probes.json")
     return report
+
+
+def _check_alone(modality: str, path, data_overrides) -> None:
+    """Raise ConfigError unless checkpoint `path` was trained on `modality` alone: the condition
+    protocol keeping only it (train.corruption protocol conditions, mode fixed, condition t / a /
+    v), or the `unimodal` model of that modality."""
+    from msakit.evaluate import load_model_from_checkpoint
+
+    _, cfg, _ = load_model_from_checkpoint(path, data_overrides)
+    c = cfg.train.corruption
+    if (c.protocol, c.mode, c.condition) == ("conditions", "fixed", modality[0]):
+        return
+    if cfg.model_name == "unimodal" and getattr(cfg.model, "modality", None) == modality:
+        return
+    raise ConfigError(f"--alone {modality}={path}: not trained on {modality} alone ({cfg.model_name}, "
+                      f"train.corruption protocol {c.protocol}, condition {c.condition or '-'}); train it "
+                      f"with train.corruption.protocol=conditions train.corruption.condition={modality[0]}")
 
 
 def format_probes(report: dict) -> str:
