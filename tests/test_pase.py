@@ -511,6 +511,8 @@ def test_alignment_loss_is_match_plus_weighted_reg_and_omega():
         eye = torch.eye(4) / 4
         omega = 0.5 * ((plan_pq - eye).pow(2).sum() + (plan_qp - eye).pow(2).sum())
         torch.testing.assert_close(loss[i], match + 0.3 * reg + 0.7 * omega, rtol=1e-4, atol=1e-6)
+        # the spec's L_reg is Sinkhorn's stopping error: Q_nm of C^T is Q_mn^T (docstring)
+        assert float(reg) < 1e-6 < float(match)
     same = alignment_loss(p, p.clone(), epsilon=0.01, iters=500, reg_weight=0.1, omega_weight=0.05)
     assert float(same.max()) < 0.02  # matched classes: the plan is ~I/K, no cost, Omega ~0
 

@@ -79,6 +79,9 @@ Deviations from the release and choices of ours:
     - CAL: cost = squared distance of L2-normalised prototypes over the classes initialised so
       far; log-domain Sinkhorn, eps 0.05, <= 200 iterations, early stop at marginal error
       1e-6 [ours]; Omega's target is I/K (reachable by a plan with marginals 1/K) [ours].
+      L_reg = ||Q_mn - Q_nm^T||^2 is kept as the spec writes it, but it carries no signal: with
+      the same uniform marginals and C_nm = C_mn^T, the entropic plan Q_nm is exactly Q_mn^T (it
+      is unique), so L_reg is Sinkhorn's stopping error (measured ~1e-6 against L_match ~4).
     - the prototype gate is PER EXPERT [ours]: g_j compares expert j's output with modality j's
       prototype. The release repeats one gate over the three experts, which the renormalisation
       over experts cancels exactly (its gate has no effect).
