@@ -229,6 +229,38 @@ def test_stored_lengths_over_padding_that_is_not_zero_are_trusted(tmp_path):
     assert read.splits["test"].lengths["audio"].tolist() == data["test"]["lengths"].tolist()
 
 
+@pytest.mark.parametrize(("edit", "said"), [
+    (lambda s: s.update(regression_labels=np.arange(len(s["regression_labels"])) % 3),
+     "regression_labels hold only the whole numbers [0, 1, 2]: class indices?"),
+    (lambda s: s.update(regression_labels=s["regression_labels"] / 3),
+     "every label lies in [-1, 1] but the file has no regression_labels_T/A/V"),
+])
+def test_labels_that_look_like_something_else_are_said(tmp_path, caplog, edit, said):
+    import logging
+
+    path = write_mmsa_copy(tmp_path / "labels.pkl", utterances(), "end", UNALIGNED)
+    with caplog.at_level(logging.WARNING, logger="msakit"):
+        assert not any(said in note for note in read_mmsa(path).notes)
+        _edit_mmsa(path, edit)
+        notes = read_mmsa(path).notes
+    assert any(said in note for note in notes) and any(said in r.getMessage() for r in caplog.records)
+
+
+def test_the_same_clip_in_train_and_test_is_said(tmp_path, caplog):
+    import logging
+
+    path = write_mmsa_copy(tmp_path / "leak.pkl", utterances(), "end", UNALIGNED)
+    raw = pickle.loads(path.read_bytes())
+    with caplog.at_level(logging.WARNING, logger="msakit"):
+        read_mmsa(path)
+        assert not [r for r in caplog.records if "not held out" in r.getMessage()]
+        raw["test"] = {k: (v.copy() if hasattr(v, "copy") else v) for k, v in raw["train"].items()}
+        path.write_bytes(pickle.dumps(raw))
+        read_mmsa(path)
+    assert [r for r in caplog.records if "10 clips of the test split are also in the train split, with the "
+            "same features" in r.getMessage()]
+
+
 def test_padding_option_is_validated():
     from msakit.config import ConfigError, build_config
 
@@ -476,6 +508,16 @@ def test_wrong_poria_label_files_are_clear_errors(tmp_path, capsys, extra, messa
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and re.search(message, err[0]), err
+
+
+def test_poria_label_ids_with_spaces_match_as_transcript_ids_do(tmp_path):
+    """label.csv ids were not stripped (transcript ids were): " v0_1" matched no clip, and the
+    clip was dropped as one without a continuous label."""
+    from msakit.data.mosi_poria import read_mosi_poria
+
+    spaced = [(f" v{v}_{c}", f"{v / 2:.1f}") for v in range(6) for c in (1, 2)]
+    data = read_mosi_poria(write_poria(tmp_path / "spaced", spaced))
+    assert len(data.splits["test"]) == 4 and sorted(set(data.splits["test"].labels.tolist())) == [2.0, 2.5]
 
 
 @pytest.mark.parametrize("argv, message", [

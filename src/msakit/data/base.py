@@ -226,6 +226,7 @@ def validate(data: MultimodalData) -> MultimodalData:
             if labels.min() < 0 or labels.max() >= top:
                 raise DataError(f"{where} must be class indices in [0, {top})")
     _check_repeated_ids(data, src)
+    _warn_shared_clips(data, src)
     data.info = dataclasses.replace(info, train_size=len(data.splits["train"]))
     data.validated = True
     return data
@@ -244,6 +245,20 @@ def _check_repeated_ids(data: MultimodalData, src: str) -> None:
                     f"{src}: {split}: clip {sample_id!r} appears twice with different labels "
                     f"({first} and {label})"
                 )
+
+
+def _warn_shared_clips(data: MultimodalData, src: str) -> None:
+    """Log a warning when the same clip (same id AND the same features in every modality) is in
+    two splits: test or validation samples that were trained on. The same id with other
+    features is not warned about (some sources number their samples per split)."""
+    for a, b in (("train", "test"), ("train", "valid"), ("valid", "test")):
+        first, second = data.splits[a], data.splits[b]
+        rows = {sample_id: i for i, sample_id in enumerate(first.ids)}
+        same = [sample_id for j, sample_id in enumerate(second.ids) if sample_id in rows and all(
+            np.array_equal(first.features[m][rows[sample_id]], second.features[m][j]) for m in MODALITIES)]
+        if same:
+            log.warning("%s: %d clips of the %s split are also in the %s split, with the same features "
+                        "(e.g. %r): %s results on them are not held out", src, len(same), b, a, same[0], b)
 
 
 def clip_key(clip: str) -> tuple[int, float, str]:

@@ -291,10 +291,29 @@ def read_mmsa(
             metric_family="sims" if sims else "mosi",
             label_range=(-1.0, 1.0) if sims else (-3.0, 3.0),
         )
+    if task == "regression":
+        notes += _label_doubts(np.concatenate([s.labels for s in splits.values()]), sims, path)
     if isinstance(meta.get("extraction"), dict):
         info = dataclasses.replace(info, extraction=meta["extraction"])
     notes += [str(note) for note in meta.get("notes", [])]
     return validate(MultimodalData(info=info, splits=splits, source=str(path), notes=notes))
+
+
+def _label_doubts(labels: np.ndarray, sims: bool, path: Path) -> list[str]:
+    """Warnings (logged, and returned as notes) for regression labels that look like something
+    else: a few whole numbers >= 0 (class indices), or all inside [-1, 1] in a file without
+    CH-SIMS's unimodal labels (CH-SIMS read with MOSI's metrics on [-3, 3])."""
+    doubts = []
+    values = np.unique(labels)
+    if len(values) <= 10 and values.min() >= 0 and np.all(values == np.round(values)):
+        doubts.append(f"{path}: regression_labels hold only the whole numbers {values.astype(int).tolist()}: "
+                      "class indices? (a classification file sets msakit.task and classification_labels)")
+    if not sims and labels.min() >= -1 and labels.max() <= 1:
+        doubts.append(f"{path}: every label lies in [-1, 1] but the file has no regression_labels_T/A/V: "
+                      "CH-SIMS data would be read with MOSI's metrics and label range [-3, 3]")
+    for doubt in doubts:
+        log.warning("%s", doubt)
+    return doubts
 
 
 # ----------------------------------------------------------------------------- writing

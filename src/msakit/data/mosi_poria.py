@@ -93,7 +93,7 @@ def _numeric(frame: pd.DataFrame, path: Path) -> np.ndarray:
 def _continuous_labels(table: pd.DataFrame, path: Path) -> dict[str, float]:
     """clip id -> label from label.csv. A label that is not a real number (complex, text, empty)
     or a clip listed twice with different labels raises DataError naming the file, row and clip."""
-    ids = table["id"].astype(str).tolist()
+    ids = table["id"].astype(str).str.strip().tolist()  # as the transcripts' ids
     values = pd.to_numeric(table["label"], errors="coerce").to_numpy(dtype=np.float64)
     bad = np.flatnonzero(~np.isfinite(values))
     if len(bad):
