@@ -194,9 +194,11 @@ def _edit_mmsa(path, edit):
 
 @pytest.mark.parametrize(("edit", "message"), [
     (lambda s: s.update(audio_lengths=np.maximum(s["audio_lengths"] // 2, 1)),
-     r"audio: audio_lengths disagree with the data's zero padding: \d+ of 24 samples are zero-padded"),
-    (lambda s: s.update(audio_lengths=np.full_like(s["audio_lengths"], 9)), "audio_lengths disagree"),
-    (lambda s: s.update(audio_lengths=s["audio_lengths"] * 10), "audio_lengths disagree"),  # clipped to L
+     r"audio: audio_lengths disagree with the data's zero padding: 24 of the 24 samples stored shorter "
+     r"than 9 look zero-padded, \d where those lengths say"),
+    (lambda s: s.update(audio_lengths=np.full_like(s["audio_lengths"], 9)),
+     r"audio_lengths disagree with the data's zero padding: every stored length is 9, yet \d+ of 24 samples"),
+    (lambda s: s.update(audio_lengths=s["audio_lengths"] * 10), "every stored length is 9"),  # clipped to L
     (lambda s: s.update(vision_lengths=np.where(np.arange(len(s["vision_lengths"])) == 1, np.nan, 3.0)),
      r"train.vision: 1 lengths are not finite numbers"),
     (lambda s: s.update(text_bert=s["text_bert"][:, [1, 0, 2]]),  # rows in another order: empty mask row
@@ -212,6 +214,36 @@ def test_stored_lengths_that_disagree_with_the_data_are_errors(tmp_path, edit, m
     _edit_mmsa(path, edit)
     with pytest.raises(DataError, match=message):
         read_mmsa(path)
+
+
+@pytest.mark.parametrize("side", ["start", "end"])
+def test_full_length_samples_with_zero_frames_at_an_end_are_not_padding(tmp_path, side):
+    """Most clips full length, a third of them without a detected face for 3 frames at one end
+    (zero vision rows): the stored lengths are right, and the file loads (it was refused)."""
+    data, rng = utterances(), np.random.default_rng(5)
+    for split in data.values():  # every clip full length (5 frames) but one of 2 per split
+        split["lengths"] = np.where(np.arange(len(split["lengths"])) == 1, 2, 5)
+        split["frames"] = {m: [rng.normal(size=(k, DIMS[m])).astype(np.float32) + 0.1 for k in split["lengths"]]
+                           for m in MODALITIES}
+    path = write_mmsa_copy(tmp_path / "faces.pkl", data, "end", SHORT)
+    lengths = {}
+
+    def lose_faces(split):
+        full = split["vision_lengths"] == 5
+        lengths[len(lengths)] = split["vision_lengths"].tolist()
+        rows = full & (np.arange(len(full)) % 3 == 0)
+        split["vision"][rows, slice(0, 3) if side == "start" else slice(2, 5)] = 0.0
+    _edit_mmsa(path, lose_faces)
+    read = read_mmsa(path)
+    assert [read.splits[s].lengths["vision"].tolist() for s in ("train", "valid", "test")] == list(lengths.values())
+
+
+def test_forcing_the_padding_side_skips_the_length_check(tmp_path):
+    path = write_mmsa_copy(tmp_path / "forced.pkl", utterances(), "end", UNALIGNED)
+    _edit_mmsa(path, lambda s: s.update(audio_lengths=np.full_like(s["audio_lengths"], 9)))
+    with pytest.raises(DataError, match=r"data.padding=start\|end skips this check"):
+        read_mmsa(path)
+    assert read_mmsa(path, padding="end").splits["train"].lengths["audio"].tolist() == [9] * 10
 
 
 def test_stored_lengths_over_padding_that_is_not_zero_are_trusted(tmp_path):

@@ -16,8 +16,8 @@ modalities that share one length), over all splits together:
         trailing padding frames (zeros on both sides or none at all tell nothing).
 A padding frame is one whose values are all zero or non-finite (or 0 in a BERT mask).
 
-Stored lengths are checked against the data: a unit where at least a tenth of the samples are
-zero-padded but fewer than half as many are padded where the stored lengths say is an error.
+Stored lengths are checked against the data (`_check_stored`: lengths that disagree with the
+zero padding are an error in `auto` mode).
 `data.padding=auto` (default) takes the only side seen; BOTH sides seen is an error that asks for
 `data.padding=start|end`; no evidence at all (nothing padded, or padded frames that are not
 zero) keeps end (msakit's and MMSA's default) and says so. `start` / `end` force the side. Lengths
@@ -75,18 +75,21 @@ def _first_last(real: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return real.any(axis=1), real.argmax(axis=1), steps - 1 - real[:, ::-1].argmax(axis=1)
 
 
+def sample_sides(real: np.ndarray, stored: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """([N] bool: looks start-padded, [N] bool: looks end-padded) from the real frames [N, L] and
+    the stored lengths when there are any; see the module docstring."""
+    steps = real.shape[1]
+    has, first, last = _first_last(real)
+    if stored is None:
+        return has & (first > 0) & (last == steps - 1), has & (first == 0) & (last < steps - 1)
+    pad = steps - stored
+    lead_free, trail_free = first >= pad, last < stored  # no real frame in that region
+    return has & (pad > 0) & lead_free & ~trail_free, has & (pad > 0) & trail_free & ~lead_free
+
+
 def count_sides(seq: Sequences) -> tuple[int, int]:
-    """(samples that look start-padded, samples that look end-padded); see the module docstring."""
-    steps = seq.real.shape[1]
-    has, first, last = _first_last(seq.real)
-    if seq.stored is None:
-        start = has & (first > 0) & (last == steps - 1)
-        end = has & (first == 0) & (last < steps - 1)
-    else:
-        pad = steps - seq.stored
-        lead_free, trail_free = first >= pad, last < seq.stored  # no real frame in that region
-        start = has & (pad > 0) & lead_free & ~trail_free
-        end = has & (pad > 0) & trail_free & ~lead_free
+    """(samples that look start-padded, samples that look end-padded) of `seq`."""
+    start, end = sample_sides(seq.real, seq.stored)
     return int(start.sum()), int(end.sum())
 
 
@@ -136,22 +139,33 @@ Units = dict[str, tuple[tuple[str, ...], Sequences]]
 modalities) -> (its modalities, their `Sequences`)."""
 
 
-def _check_stored(name: str, parts: list[Sequences], stored_seen: int, where: str) -> None:
-    """Raise DataError when a unit's stored lengths disagree with the zero padding its data show:
-    at least a tenth of the samples are zero-padded on one side (`count_sides` without lengths)
-    but fewer than half as many are padded where their stored lengths say (lengths halved, all
-    equal to L over zero-padded data, in another unit and clipped). Data whose padding is not
-    zero show no padding either way and pass."""
-    if any(seq.stored is None for seq in parts):
+def _check_stored(name: str, parts: list[Sequences], stored_seen: int, requested: str, where: str) -> None:
+    """Raise DataError when a unit's stored lengths disagree with the zero padding its data show
+    (`data.padding=auto` only; forcing a side skips the check):
+    - among the samples whose stored length is below L, at least a tenth look zero-padded from
+      their frames alone (`count_sides` without lengths) but fewer than half as many are padded
+      where their stored lengths say (lengths halved, for other sequences);
+    - every stored length is L, yet at least half of the samples look zero-padded (lengths all
+      L, or in another unit and clipped to L).
+    Samples stored at full length are left out of the first count: zero frames at their ends are
+    real frames without data (a face not detected). Data whose padding is not zero pass."""
+    if requested != "auto" or any(seq.stored is None for seq in parts):
         return
-    data_seen = sum(sum(count_sides(Sequences(seq.features, seq.real))) for seq in parts)
-    total = sum(len(seq.real) for seq in parts)
-    if data_seen >= max(1, total // 10) and stored_seen < data_seen / 2:
-        raise DataError(
-            f"{where}: {name}: {parts[0].stored_key} disagree with the data's zero padding: "
-            f"{data_seen} of {total} samples are zero-padded, {stored_seen} where those lengths "
-            "say (lengths in another unit, or for other sequences?)"
-        )
+    steps = parts[0].real.shape[1]
+    short = [seq.stored < steps for seq in parts]
+    padded = [np.logical_or(*sample_sides(seq.real)) for seq in parts]
+    total, shorter = sum(len(seq.real) for seq in parts), sum(int(k.sum()) for k in short)
+    data_short = sum(int((p & k).sum()) for p, k in zip(padded, short, strict=True))
+    data_all = sum(int(p.sum()) for p in padded)
+    if shorter and data_short >= max(1, shorter // 10) and stored_seen < data_short / 2:
+        problem = (f"{data_short} of the {shorter} samples stored shorter than {steps} look zero-padded, "
+                   f"{stored_seen} where those lengths say")
+    elif not shorter and data_all >= max(1, total / 2):
+        problem = f"every stored length is {steps}, yet {data_all} of {total} samples look zero-padded"
+    else:
+        return
+    raise DataError(f"{where}: {name}: {parts[0].stored_key} disagree with the data's zero padding: {problem} "
+                    "(lengths in another unit, or for other sequences? data.padding=start|end skips this check)")
 
 
 def normalise_padding(
@@ -170,7 +184,7 @@ def normalise_padding(
     phrases = []
     for name, parts in by_name.items():
         counts = [count_sides(seq) for seq in parts]
-        _check_stored(name, parts, sum(map(sum, counts)), where)
+        _check_stored(name, parts, sum(map(sum, counts)), requested, where)
         side, phrase = _choose(name, tuple(map(sum, zip(*counts, strict=True))), requested, where)
         phrases.append(phrase)
         for seq in parts:
