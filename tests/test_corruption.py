@@ -238,9 +238,31 @@ def test_corruption_config_is_validated():
     ({"validate": True}, "validate has no effect with protocol none"),
 ])
 def test_settings_that_would_do_nothing_are_refused(settings, message):
-    """Accepted before, and the run trained clean (or otherwise than its config said)."""
+    """Accepted before, and the run trained clean (or otherwise than its config said). Refused for
+    new runs only: a config an older version stored (in a checkpoint) still builds."""
     with pytest.raises(ValueError, match=message):
-        CorruptionConfig(**settings)
+        CorruptionConfig(**settings).check_effective()
+
+
+def test_a_new_run_is_refused_but_an_old_checkpoint_still_evaluates(tmp_path, capsys):
+    import torch
+
+    from msakit.cli import main
+    from msakit.evaluate import evaluate_checkpoint
+
+    small = ["--epochs", "1", "--quiet", "--set", "data.synthetic.train_size=40", "data.synthetic.valid_size=20",
+             "data.synthetic.test_size=20", "train.num_threads=1"]
+    assert main(["train", "--out", str(tmp_path / "new"), *small, "train.corruption.protocol=drop"]) == 2
+    assert "train.corruption: protocol drop at rate 0 corrupts nothing" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    assert main(["tune", "--trials", "1", "--out", str(tmp_path / "study"), *small, "train.corruption.rate=0.5"]) == 2
+    assert "train.corruption: rate has no effect" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path / "old"), *small]) == 0
+    best = tmp_path / "old" / "seed_1" / "best.pt"
+    state = torch.load(best, weights_only=True)  # as an older version stored an ignored setting
+    state["config"]["train"]["corruption"]["complete_fraction"] = 0.3
+    torch.save(state, best)
+    assert evaluate_checkpoint(best).metrics["mae"] > 0
 
 
 CASES = [*CONDITIONS, "none"]

@@ -69,11 +69,17 @@ def test_bad_label_files_are_named(tmp_path, text, message):
     assert message in str(error.value)
 
 
-def test_mmsa_release_layout_is_read(tmp_path):
-    """MMSA's own label.csv layout (video_id, clip_id, text, label, annotation, mode) for both."""
+@pytest.mark.parametrize("layout", ["{v},{c},{t},{y},Neutral,{m}", "{v},{c},{t},{y},0.2,-0.4,1.0,Neutral,{m}",
+                                    "{v},{c},{t},{y},Neutral,{m},0.2,-0.4,1.0"])
+def test_mmsa_release_layouts_are_read(tmp_path, layout):
+    """MMSA's own label.csv layouts (annotation; label_T/A/V after the label or at the end)."""
+    from msakit.data.cmu_text import MMSA_HEADERS
+
+    header = next(h for h in MMSA_HEADERS if len(h) == layout.count(",") + 1 and
+                  (h[4] == "label_T") == ("0.2,-0.4" in layout.split("{y},")[1][:8]))
     rows = [line.split(",") for line in MOSI.splitlines()[1:]]
-    mmsa = "video_id,clip_id,text,label,annotation,mode\n" + "".join(
-        f"{sid.split('_')[0]},{sid.split('_')[1]},{text},{label},Neutral,{mode}\n" for sid, text, label, mode in rows)
+    mmsa = ",".join(header) + "\n" + "".join(layout.format(v=sid.split("_")[0], c=sid.split("_")[1], t=text, y=label,
+                                                           m=mode) + "\n" for sid, text, label, mode in rows)
     for name, folder in (("mosi-text", "mosi-labels"), ("mosei-text", "mosei-labels")):
         root = write_root(tmp_path / name, mmsa, folder)
         data = load_dataset(DataConfig(name=name, data_root=str(root), text_encoder="none"))

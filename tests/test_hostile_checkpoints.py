@@ -212,7 +212,8 @@ def test_evaluating_on_other_data_of_the_same_shape_is_said(run, caplog):
         assert not [r for r in caplog.records if "other data" in r.getMessage()]
         evaluate_checkpoint(best, ["data.synthetic.label_noise=0.9"])
     said = [r.getMessage() for r in caplog.records if "other data" in r.getMessage()]
-    assert said == [f"{best}: evaluated on other data than it was trained on (the data's content (fingerprint))"]
+    assert said == [f"{best}: evaluated on other data than it was trained on (the data's fingerprint: their "
+                    "content, or the dataset's name)"]
 
 
 def test_valid_checkpoints_still_load(run):

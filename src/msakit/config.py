@@ -295,6 +295,16 @@ def _dataset_default_model(tree: dict) -> str | None:
     return default_model(str(data.get("name"))) if isinstance(data, dict) and data.get("name") else None
 
 
+def check_new_run(cfg: ExperimentConfig) -> None:
+    """Checks for a config that starts a new run (train, tune) but not for one read back from a
+    run folder or checkpoint: settings an older version accepted although they do nothing.
+    Raises ConfigError naming the key."""
+    try:
+        cfg.train.corruption.check_effective()
+    except ValueError as e:
+        raise ConfigError(f"train.corruption: {e}") from None
+
+
 def build_config(tree: dict | None = None, overrides: list[str] = ()) -> ExperimentConfig:
     """Build an ExperimentConfig from a (YAML) tree and `a.b=value` overrides, strictly."""
     tree = dict(tree or {})

@@ -276,8 +276,12 @@ class CorruptionConfig:
             raise ValueError(f"complete_fraction must be in [0, 1], got {self.complete_fraction}")
         if self.protocol == "conditions" and self.mode == "fixed" and self.condition not in CONDITIONS:
             raise ValueError(f"protocol conditions, mode fixed needs condition in {', '.join(CONDITIONS)}")
-        # settings that would be accepted and do nothing: the run would train clean (or otherwise
-        # than its config says) without a word
+
+    def check_effective(self) -> None:
+        """Raise ValueError for settings that would be accepted and do nothing (the run would
+        train clean, or otherwise than its config says, without a word). Checked for NEW runs
+        only (`config.check_new_run`): configs stored by older versions, which accepted them,
+        still load for evaluation and resume."""
         if self.protocol in PROTOCOLS and self.rate == 0:
             raise ValueError(f"protocol {self.protocol} at rate 0 corrupts nothing; set train.corruption.rate")
         unused = [name for name, used in (

@@ -62,7 +62,7 @@ def check_data(path: str | Path, model, saved_info: DatasetInfo, data) -> None:
                for key in ("label_range", "metric_family") if getattr(saved_info, key) != getattr(data.info, key)]
     trained_on = getattr(model, "trained_on", None)
     if trained_on and data_fingerprint(data)["blake2b"] != trained_on.get("blake2b"):
-        differs.append("the data's content (fingerprint)")
+        differs.append("the data's fingerprint: their content, or the dataset's name")
     if differs:
         log.warning("%s: evaluated on other data than it was trained on (%s)", path, "; ".join(differs))
 

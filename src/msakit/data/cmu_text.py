@@ -5,8 +5,9 @@ Files, under data_root (MMSA-style label files, as the MMSA releases ship them):
                              test 685); id "<video>_<clip>"; text lower-case
     mosei-labels/label.csv   header `video_id,clip_id,text,label,mode`; 22,788 segments
                              (train 16,274 / valid 1,861 / test 4,653); natural case, CSV-quoted
-Both also accept MMSA's own layout `video_id,clip_id,text,label,annotation,mode` (id
-"<video_id>_<clip_id>"; annotation not read).
+Both also accept MMSA's own layouts `video_id,clip_id,text,label,annotation,mode` and the same
+with `label_T,label_A,label_V` after `label` or at the end (id "<video_id>_<clip_id>"; annotation
+and the unimodal labels not read).
 `mode` is the official CMU split ("dev" and "valid" both mean our "valid"); `label` is the
 continuous sentiment in [-3, 3]. Another header (e.g. the MOSEI file given as mosi-text) is an
 error naming the file and the columns found, never a silent misread.
@@ -58,11 +59,15 @@ log = logging.getLogger(__name__)
 SENTENCE_MAX_TOKENS = 128
 """Tokens per transcript for the frozen sentence embedding ([CLS]/[SEP] included)."""
 MODES = {"train": "train", "valid": "valid", "dev": "valid", "test": "test"}
-MMSA_HEADER = ("video_id", "clip_id", "text", "label", "annotation", "mode")
-"""The layout of MMSA's own label.csv releases (the annotation column is not read)."""
+MMSA_HEADERS = (
+    ("video_id", "clip_id", "text", "label", "annotation", "mode"),
+    ("video_id", "clip_id", "text", "label", "label_T", "label_A", "label_V", "annotation", "mode"),
+    ("video_id", "clip_id", "text", "label", "annotation", "mode", "label_T", "label_A", "label_V"),
+)
+"""The layouts of MMSA's own label.csv releases (annotation and label_T/A/V are not read)."""
 LAYOUTS = {
-    "mosi-text": ("mosi-labels/label.csv", (("id", "text", "label", "mode"), MMSA_HEADER), 2195),
-    "mosei-text": ("mosei-labels/label.csv", (("video_id", "clip_id", "text", "label", "mode"), MMSA_HEADER), 22788),
+    "mosi-text": ("mosi-labels/label.csv", (("id", "text", "label", "mode"), *MMSA_HEADERS), 2195),
+    "mosei-text": ("mosei-labels/label.csv", (("video_id", "clip_id", "text", "label", "mode"), *MMSA_HEADERS), 22788),
 }
 """dataset -> (file under data_root, the exact headers accepted, official number of segments; a
 file with another number is read with a warning, which is all that tells the two corpora apart

@@ -305,6 +305,8 @@ def _label_doubts(labels: np.ndarray, sims: bool, path: Path) -> list[str]:
     CH-SIMS's unimodal labels (CH-SIMS read with MOSI's metrics on [-3, 3])."""
     doubts = []
     values = np.unique(labels)
+    if len(values) < 2:  # one value (`msakit extract` without labels writes 0.0): nothing to doubt
+        return doubts
     if len(values) <= 10 and values.min() >= 0 and np.all(values == np.round(values)):
         doubts.append(f"{path}: regression_labels hold only the whole numbers {values.astype(int).tolist()}: "
                       "class indices? (a classification file sets msakit.task and classification_labels)")

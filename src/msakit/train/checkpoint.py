@@ -67,11 +67,12 @@ class ArchiveRefused(ValueError):
     """A file `quiet_load` does not hand to torch.load (see `check_archive`)."""
 
 
-def check_archive(path: Path) -> None:
+def check_archive(path: str | Path) -> None:
     """Raise ArchiveRefused unless `path` is torch's zip format with stored (uncompressed) entries
     that fit in the file: what torch.save writes. torch.load would otherwise read torch's legacy
     format, which allocates each storage's declared size before reading its bytes (a 100 KB file
     asked for 4 GB), and inflate deflated entries (a 1 MB file unpacked to 1 GB)."""
+    path = Path(path)
     try:
         with zipfile.ZipFile(path) as archive:
             entries = archive.infolist()
@@ -86,7 +87,7 @@ def check_archive(path: Path) -> None:
         raise ArchiveRefused("its entries declare more bytes than the file holds")
 
 
-def quiet_load(path: Path) -> Any:
+def quiet_load(path: str | Path) -> Any:
     """torch.load(path, weights_only=True) onto the CPU after `check_archive`, without torch's
     warnings (a text file read as a pickle warns about its protocol before failing)."""
     check_archive(path)
