@@ -216,6 +216,39 @@ def test_evaluating_on_other_data_of_the_same_shape_is_said(run, caplog):
                     "content, or the dataset's name)"]
 
 
+def test_every_command_that_evaluates_a_checkpoint_says_other_data(run, caplog):
+    """robustness, analyze and probes share eval's check (`check_data`)."""
+    import dataclasses
+    import logging
+
+    from msakit.analysis import analyze_checkpoint
+    from msakit.data import load_dataset
+    from msakit.evaluate import check_data, load_model_from_checkpoint
+    from msakit.probes import probe_report
+    from msakit.robustness import robustness_report
+
+    best = run / "seed_1" / "best.pt"
+    other = ["data.synthetic.label_noise=0.9"]
+    calls = {"robustness": lambda: robustness_report({"r": [best]}, ["drop"], [0, 1], [1], data_overrides=other),
+             "analyze": lambda: analyze_checkpoint(best, other),
+             "probes": lambda: probe_report(best, metrics=["mae"], data_overrides=other)}
+    for name, call in calls.items():
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="msakit"):
+            call()
+        assert [r for r in caplog.records if "evaluated on other data" in r.getMessage()], name
+    model, cfg, saved = load_model_from_checkpoint(best)
+    data = load_dataset(cfg.data)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="msakit"):
+        check_data(best, model, dataclasses.replace(saved, label_range=(-1.0, 1.0), metric_family="sims"), data)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{best}: evaluated on other data than it was trained on (label_range (-1.0, 1.0) -> (-3.0, 3.0); "
+        "metric_family sims -> mosi)"]
+    with pytest.raises(CheckpointError, match="outputs"):
+        check_data(best, model, dataclasses.replace(saved, feature_dims={**saved.feature_dims, "audio": 3}), data)
+
+
 def test_valid_checkpoints_still_load(run):
     for name in ("best.pt", "last.pt"):
         state = load_checkpoint(run / "seed_1" / name)

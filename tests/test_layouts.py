@@ -278,6 +278,17 @@ def test_labels_that_look_like_something_else_are_said(tmp_path, caplog, edit, s
     assert any(said in note for note in notes) and any(said in r.getMessage() for r in caplog.records)
 
 
+def test_one_label_for_every_sample_raises_no_doubt(tmp_path, caplog):
+    """`msakit extract` without labels writes 0.0 for every clip: not class indices, not CH-SIMS."""
+    import logging
+
+    path = write_mmsa_copy(tmp_path / "unlabelled.pkl", utterances(), "end", UNALIGNED)
+    _edit_mmsa(path, lambda s: s.update(regression_labels=np.zeros_like(s["regression_labels"])))
+    with caplog.at_level(logging.WARNING, logger="msakit"):
+        notes = read_mmsa(path).notes
+    assert not [n for n in notes if "labels" in n] and not caplog.records
+
+
 def test_the_same_clip_in_train_and_test_is_said(tmp_path, caplog):
     import logging
 

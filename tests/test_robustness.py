@@ -182,12 +182,20 @@ def test_block_on_sequences_of_two_frames_is_said(two_runs, caplog):
 
     short = ["data.synthetic.text_length=2", "data.synthetic.audio_length=2", "data.synthetic.vision_length=2",
              "data.synthetic.min_length_fraction=1.0"]
-    checkpoint = two_runs / "lf" / "seed_1" / "best.pt"
+    checkpoints = [two_runs / "lf" / f"seed_{s}" / "best.pt" for s in (1, 2)]
     with caplog.at_level(logging.WARNING, logger="msakit"):
-        robustness_report({"lf": [checkpoint]}, protocols=["block"], levels=[0, 1], seeds=[1])
-        assert not [r for r in caplog.records if "block removes no frame" in r.getMessage()]
-        report = robustness_report({"lf": [checkpoint]}, protocols=["block"], levels=[0, 1], seeds=[1],
+        robustness_report({"lf": checkpoints[:1]}, protocols=["block"], levels=[0, 1], seeds=[1])
+        assert not [r for r in caplog.records if "block removes no" in r.getMessage()]
+        report = robustness_report({"lf": checkpoints}, protocols=["block"], levels=[0, 1], seeds=[1],
                                    data_overrides=short)
-    assert [r for r in caplog.records if "block removes no frame" in r.getMessage()]
+        said = [r.getMessage() for r in caplog.records if "block removes no" in r.getMessage()]
+        assert said == ["synthetic: block removes no text/audio/vision frame (at most 2 frames, and block keeps "
+                        "the first and last): its curve is the clean score for models that do not read the "
+                        "transcripts"]  # once for the two checkpoints
+        caplog.clear()
+        robustness_report({"lf": checkpoints[:1]}, protocols=["block"], levels=[0, 1], seeds=[1],
+                          data_overrides=["data.synthetic.audio_length=2", "data.synthetic.min_length_fraction=1.0"])
+        assert [r.getMessage() for r in caplog.records if "block removes no" in r.getMessage()] == [
+            "synthetic: block removes no audio frame (at most 2 frames, and block keeps the first and last)"]
     curve = report["runs"]["lf"]["protocols"]["block"]
     assert curve["mean"][1] == curve["mean"][0]
