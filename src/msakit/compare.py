@@ -173,9 +173,6 @@ def compare_runs(runs: dict[str, str | Path], metric: str | None = None, resampl
     """runs: {label: run folder}. -> {"metric", "runs": {label: stats}, "pairs": [...]}."""
     if resamples < 1:
         raise ConfigError(f"--bootstrap {resamples}: give at least 1 resample")
-    folders = [Path(d).resolve() for d in runs.values()]
-    if len(set(folders)) < len(folders):
-        raise ConfigError(f"compare: a run folder is given twice ({', '.join(map(str, runs.values()))})")
     loaded = {label: load_run(d) for label, d in runs.items()}
     infos = {(r["info"].name, r["info"].metric_family) for r in loaded.values()}
     if len(infos) > 1:
