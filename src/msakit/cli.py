@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from msakit import __version__
-from msakit.config import ConfigError, build_config, load_yaml
+from msakit.config import ConfigError, build_config, check_new_run, load_yaml
 from msakit.data import DataError, list_datasets
 from msakit.media import MediaError
 from msakit.metrics import format_table
@@ -124,6 +124,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise RunFolderError("--resume needs --out DIR, the run folder to continue")
         tree = _resume_tree(Path(args.out), tree, args.model)
     cfg = build_config(tree, _run_overrides(args) + list(args.set or []))
+    if not args.resume:
+        check_new_run(cfg)
     out = Path(args.out or f"runs/{cfg.model_name}_{cfg.data.name}_{time.strftime('%Y%m%d-%H%M%S')}")
     _check_out(out, "--out", folder=True)
     log.info("model %s on %s, seeds %s -> %s", cfg.model_name, cfg.data.name, cfg.train.seeds, out)

@@ -296,9 +296,10 @@ def _dataset_default_model(tree: dict) -> str | None:
 
 
 def check_new_run(cfg: ExperimentConfig) -> None:
-    """Checks for a config that starts a new run (train, tune) but not for one read back from a
-    run folder or checkpoint: settings an older version accepted although they do nothing.
-    Raises ConfigError naming the key."""
+    """Checks for a config a user gives `msakit train` for a new run, not for one read back from
+    a run folder or checkpoint (an older version accepted these settings) nor for tune's trials
+    (a search may set a rate of 0, a clean run): settings that would do nothing. Raises
+    ConfigError naming the key."""
     try:
         cfg.train.corruption.check_effective()
     except ValueError as e:

@@ -280,8 +280,8 @@ class CorruptionConfig:
     def check_effective(self) -> None:
         """Raise ValueError for settings that would be accepted and do nothing (the run would
         train clean, or otherwise than its config says, without a word). Checked for NEW runs
-        only (`config.check_new_run`): configs stored by older versions, which accepted them,
-        still load for evaluation and resume."""
+        given to `msakit train` only (`config.check_new_run`): configs stored by older versions,
+        which accepted them, still load for evaluation and resume, and tune may search a rate of 0."""
         if self.protocol in PROTOCOLS and self.rate == 0:
             raise ValueError(f"protocol {self.protocol} at rate 0 corrupts nothing; set train.corruption.rate")
         unused = [name for name, used in (

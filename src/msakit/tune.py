@@ -52,7 +52,6 @@ from msakit.config import (
     ConfigError,
     ExperimentConfig,
     build_config,
-    check_new_run,
     load_yaml,
     read_yaml,
 )
@@ -220,7 +219,6 @@ def tune(
         raise TuneError(f"--trials must be >= 1, got {trials}")
     out = Path(out)
     base = build_config(tree, overrides)
-    check_new_run(base)
     train_loop.resolve_device(base.train.device)
     seed = tune_seed if tune_seed is not None else base.train.seeds[0]
     space_tree = space if space is not None else default_space(base.model_name)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from msakit.config import ExperimentConfig, check_new_run
+from msakit.config import ExperimentConfig
 from msakit.data import MultimodalData, load_dataset
 from msakit.metrics import aggregate_seeds
 from msakit.train import distributed
@@ -63,8 +63,6 @@ def run_experiment(
     cfg = absolute_data_paths(cfg)
     main = distributed.main_process()  # torchrun: rank 0 owns the folder and writes; others train
     resolve_device(cfg.train.device)  # before the folder exists: a missing GPU leaves nothing behind
-    if not resume:
-        check_new_run(cfg)
     with RunFolder(out_dir) if main else contextlib.nullcontext() as folder:
         if main:
             folder.check(cfg, resume, overwrite)
