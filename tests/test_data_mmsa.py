@@ -133,7 +133,7 @@ def test_stored_lengths_clipped(tmp_path, caplog):
     raw["valid"]["audio_lengths"] = np.array([0, 3, 99, 4, 5])
     write_mmsa(path, raw)
     with caplog.at_level(logging.WARNING):
-        data = read_mmsa(path)
+        data = read_mmsa(path, padding="end")  # these lengths contradict the frames: forced
     np.testing.assert_array_equal(data.splits["valid"].lengths["audio"], [1, 3, 20, 4, 5])
     assert any("clipped 2 lengths" in r.getMessage() for r in caplog.records)
 
@@ -146,12 +146,21 @@ def test_mismatched_steps_without_lengths_are_inferred(tmp_path):
     for split, n in SIZES.items():
         splits[split], truth[split] = make_split(n, rng, steps, aligned=False)
         del splits[split]["audio_lengths"], splits[split]["vision_lengths"]
+        vision = splits[split]["vision"]  # of the text's length L_t: word-aligned, its frames the text's
+        vision[np.arange(6)[None, :] >= truth[split]["text"][:, None]] = 0.0
+        vision[np.arange(6)[None, :] < truth[split]["text"][:, None]] += 0.1
     path = tmp_path / "mixed.pkl"
     write_mmsa(path, splits)
     data = read_mmsa(path)
     train = data.splits["train"]
     np.testing.assert_array_equal(train.lengths["audio"], truth["train"]["audio"])  # inferred
     np.testing.assert_array_equal(train.lengths["vision"], train.lengths["text"])  # same L_t
+    for split in SIZES:  # a vision frame past the text's mask: not word-aligned after all
+        rows = np.flatnonzero(truth[split]["text"] < 6)
+        splits[split]["vision"][rows, truth[split]["text"][rows]] = 1.0
+    write_mmsa(path, splits)
+    with pytest.raises(DataError, match=r"text\+vision: stored lengths \(text_bert's mask \(row 1\)\) disagree"):
+        read_mmsa(path)
 
 
 def test_sims_metric_family(tmp_path):

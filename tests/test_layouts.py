@@ -194,11 +194,17 @@ def _edit_mmsa(path, edit):
 
 @pytest.mark.parametrize(("edit", "message"), [
     (lambda s: s.update(audio_lengths=np.maximum(s["audio_lengths"] // 2, 1)),
-     r"audio: audio_lengths disagree with the data's zero padding: 24 of the 24 samples stored shorter "
-     r"than 9 look zero-padded, \d where those lengths say"),
+     r"audio: stored lengths \(audio_lengths\) disagree with the data's zero padding \(end\): \d+ of 24 "
+     r"samples have real frames past their stored length"),
     (lambda s: s.update(audio_lengths=np.full_like(s["audio_lengths"], 9)),
-     r"audio_lengths disagree with the data's zero padding: every stored length is 9, yet \d+ of 24 samples"),
-    (lambda s: s.update(audio_lengths=s["audio_lengths"] * 10), "every stored length is 9"),  # clipped to L
+     r"audio_lengths\) disagree with the data's zero padding \(end\): 24 of 24 samples end in zero frames "
+     r"before their stored length"),
+    (lambda s: s.update(audio_lengths=s["audio_lengths"] * 10), "end in zero frames before"),  # clipped to L
+    (lambda s: s.update(audio_lengths=np.minimum(s["audio_lengths"] + 1, 9)), "end in zero frames before"),
+    (lambda s: s.update(audio_lengths=np.roll(s["audio_lengths"], 1)), "real frames past their stored length"),
+    (lambda s: s.__setitem__("text_bert", np.stack([s["text_bert"][:, 0], np.roll(s["text_bert"][:, 1], 1, axis=0),
+                                                     s["text_bert"][:, 2]], axis=1)),
+     r"text: stored lengths \(text_bert's mask \(row 1\)\) disagree"),
     (lambda s: s.update(vision_lengths=np.where(np.arange(len(s["vision_lengths"])) == 1, np.nan, 3.0)),
      r"train.vision: 1 lengths are not finite numbers"),
     (lambda s: s.update(text_bert=s["text_bert"][:, [1, 0, 2]]),  # rows in another order: empty mask row

@@ -18,8 +18,8 @@ Lengths (all clipped to [1, L]):
     audio/vision: the stored *_lengths; without them (aligned files) the text's lengths and
     padding side when the sequence length equals L_t, else inferred from padding.
     Refused (DataError): non-finite stored lengths; a text_bert whose mask row is empty for most
-    samples (rows in another order); stored lengths that disagree with the data's zero padding
-    (`padding._check_stored`: halved, all L over zero-padded data, in another unit).
+    samples (rows in another order); stored lengths (the mask included) that disagree with the
+    data's zero padding, too short or too long (`padding._check_stored`).
 Padding side: MMSA-FET pads at the end by default and at the start with
 `padding_location='start'`; the side is found in the data per modality (`data.padding=auto`,
 or forced with start|end; see msakit/data/padding.py) and start-padded sequences are stored with
@@ -205,7 +205,8 @@ def _read_split(raw: Any, path: Path, split: str, task: str) -> _Split:
             raise DataError(f"{path}: {split}.text_bert: the attention mask (row 1 of [N, 3, L]: token "
                             f"ids, mask, segment ids) is empty for {empty} of {n} samples")
         stored = _clip_lengths(mask.sum(axis=1), steps_t, f"{path}: {split}.text")
-        text = Sequences([features[m] for m in text_unit], mask, stored)
+        aligned = [features[m] for m in text_unit]
+        text = Sequences(aligned, mask, stored, "text_bert's mask (row 1)", real_frames(*aligned))
     else:
         aligned = [features[m] for m in text_unit]
         text = Sequences(aligned, real_frames(*aligned))

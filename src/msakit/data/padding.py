@@ -64,8 +64,11 @@ class Sequences:
     features: list[np.ndarray]
     real: np.ndarray
     stored: np.ndarray | None = None
-    stored_key: str = "the stored lengths"
+    stored_key: str = "stored"
     """Where `stored` came from, for error messages (e.g. "audio_lengths")."""
+    frames: np.ndarray | None = None
+    """[N, L] bool real frames of the features where `real` is something else (text_bert's mask),
+    for checking `stored` against the data."""
     lengths: np.ndarray = field(init=False)
 
 
@@ -139,33 +142,41 @@ Units = dict[str, tuple[tuple[str, ...], Sequences]]
 modalities) -> (its modalities, their `Sequences`)."""
 
 
-def _check_stored(name: str, parts: list[Sequences], stored_seen: int, requested: str, where: str) -> None:
-    """Raise DataError when a unit's stored lengths disagree with the zero padding its data show
-    (`data.padding=auto` only; forcing a side skips the check):
-    - among the samples whose stored length is below L, at least a tenth look zero-padded from
-      their frames alone (`count_sides` without lengths) but fewer than half as many are padded
-      where their stored lengths say (lengths halved, for other sequences);
-    - every stored length is L, yet at least half of the samples look zero-padded (lengths all
-      L, or in another unit and clipped to L).
-    Samples stored at full length are left out of the first count: zero frames at their ends are
-    real frames without data (a face not detected). Data whose padding is not zero pass."""
-    if requested != "auto" or any(seq.stored is None for seq in parts):
+def _check_stored(name: str, parts: list[Sequences], side: str, where: str) -> None:
+    """Raise DataError when a unit's stored lengths disagree with the zero padding of its data
+    (`data.padding=auto` only: forcing a side skips this), read on padding `side`:
+    - too short: at least 1 in 20 samples has a real frame past its stored length (halved, shuffled
+      or another modality's lengths);
+    - too long: at least 3 in 4 samples (and 5) end in zero frames before their stored length
+      (every length L, lengths one too long, in another unit and clipped to L).
+    Only data that are zero-padded are compared (at least 1 in 10 samples looks zero-padded from
+    its frames alone): with padding of another value every frame is real. A few samples ending in
+    zero frames are real frames without data (a face not detected), not padding. The frames read
+    are `Sequences.frames` where `real` is a mask (text_bert's)."""
+    if any(seq.stored is None for seq in parts):
         return
-    steps = parts[0].real.shape[1]
-    short = [seq.stored < steps for seq in parts]
-    padded = [np.logical_or(*sample_sides(seq.real)) for seq in parts]
-    total, shorter = sum(len(seq.real) for seq in parts), sum(int(k.sum()) for k in short)
-    data_short = sum(int((p & k).sum()) for p, k in zip(padded, short, strict=True))
-    data_all = sum(int(p.sum()) for p in padded)
-    if shorter and data_short >= max(1, shorter // 10) and stored_seen < data_short / 2:
-        problem = (f"{data_short} of the {shorter} samples stored shorter than {steps} look zero-padded, "
-                   f"{stored_seen} where those lengths say")
-    elif not shorter and data_all >= max(1, total / 2):
-        problem = f"every stored length is {steps}, yet {data_all} of {total} samples look zero-padded"
+    samples = padded = too_short = too_long = 0
+    for seq in parts:
+        real = seq.frames if seq.frames is not None else seq.real
+        steps = real.shape[1]
+        has, first, last = _first_last(real)
+        if side == "end":
+            short, long = last >= seq.stored, last < seq.stored - 1
+        else:
+            short, long = first < steps - seq.stored, first > steps - seq.stored
+        samples, padded = samples + int(has.sum()), padded + int(np.logical_or(*sample_sides(real)).sum())
+        too_short, too_long = too_short + int((has & short).sum()), too_long + int((has & long).sum())
+    if not samples or padded < max(1, samples / 10):
+        return
+    if too_short >= max(1, samples / 20):
+        problem = f"{too_short} of {samples} samples have real frames past their stored length"
+    elif too_long >= max(5, 0.75 * samples):
+        problem = f"{too_long} of {samples} samples end in zero frames before their stored length"
     else:
         return
-    raise DataError(f"{where}: {name}: {parts[0].stored_key} disagree with the data's zero padding: {problem} "
-                    "(lengths in another unit, or for other sequences? data.padding=start|end skips this check)")
+    raise DataError(f"{where}: {name}: stored lengths ({parts[0].stored_key}) disagree with the data's zero padding ({side}): "
+                    f"{problem} (lengths in another unit, or of other sequences? data.padding=start|end "
+                    "skips this check)")
 
 
 def normalise_padding(
@@ -184,8 +195,9 @@ def normalise_padding(
     phrases = []
     for name, parts in by_name.items():
         counts = [count_sides(seq) for seq in parts]
-        _check_stored(name, parts, sum(map(sum, counts)), requested, where)
         side, phrase = _choose(name, tuple(map(sum, zip(*counts, strict=True))), requested, where)
+        if requested == "auto":
+            _check_stored(name, parts, side, where)
         phrases.append(phrase)
         for seq in parts:
             seq.lengths = infer_lengths(seq, side)
