@@ -91,6 +91,17 @@ def test_mmsa_release_layouts_are_read(tmp_path, layout):
             np.testing.assert_array_equal(data.splits[split].labels, plain.splits[split].labels)
 
 
+def test_blank_lines_and_spaces_around_ids_are_read(tmp_path):
+    """A file saved with a trailing blank line (Windows: \\r\\n\\r\\n) and ids with spaces around
+    them: the same clips as the clean file."""
+    lines = MOSI.splitlines()
+    spaced = "\r\n".join([lines[0]] + [" " + line.replace(",", " ,", 1) for line in lines[1:]]) + "\r\n\r\n"
+    data = load_dataset(DataConfig(name="mosi-text", data_root=str(write_root(tmp_path / "a", spaced)),
+                                   text_encoder="none"))
+    plain = load_dataset(DataConfig(name="mosi-text", data_root=str(write_root(tmp_path / "b")), text_encoder="none"))
+    assert all(data.splits[s].ids == plain.splits[s].ids for s in ("train", "valid", "test"))
+
+
 def test_default_model_is_the_frozen_encoder_head():
     assert default_model("mosei-text") == "unimodal" and default_model("synthetic") is None
     assert build_config({"data": {"name": "mosei-text"}}).model_name == "unimodal"

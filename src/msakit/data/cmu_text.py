@@ -92,10 +92,12 @@ def read_label_csv(path: Path, headers: tuple[tuple[str, ...], ...]) -> dict[str
         raise DataError(f"{path}: header is {found!r}, expected {expected}")
     splits: dict[str, tuple[list[str], list[str], list[float]]] = {s: ([], [], []) for s in ("train", "valid", "test")}
     for line, row in rows[1:]:
+        if not any(field.strip() for field in row):  # a blank line (a trailing one, say)
+            continue
         if len(row) != len(header):
             raise DataError(f"{path}: line {line} has {len(row)} fields, expected {len(header)}")
         record = dict(zip(header, row, strict=True))
-        sid = record["id"] if "id" in record else f"{record['video_id']}_{record['clip_id']}"
+        sid = record["id"].strip() if "id" in record else f"{record['video_id'].strip()}_{record['clip_id'].strip()}"
         mode = record["mode"].strip()
         if mode not in MODES:
             raise DataError(f"{path}: line {line}: mode {mode!r} is not one of {sorted(MODES)}")
