@@ -165,8 +165,8 @@ def robustness_report(
             if split not in data.splits:
                 raise ConfigError(f"--split {split!r}: choose from {sorted(data.splits)}")
             short = [m for m, n in data.splits[split].lengths.items() if int(n.max(initial=0)) <= 2]
-            if "block" in protocols and short and key not in said_short:
-                said_short.add(key)
+            if "block" in protocols and short and data.info.name not in said_short:
+                said_short.add(data.info.name)
                 log.warning("%s: block removes no %s frame (at most 2 frames, and block keeps the first and "
                             "last)%s", data.info.name, "/".join(short),
                             ": its curve is the clean score for models that do not read the transcripts"
