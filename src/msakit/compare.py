@@ -161,10 +161,14 @@ def load_run(run_dir: str | Path) -> dict:
             "fingerprint": results.get("data_fingerprint")}
 
 
+def _predictions_path(run: dict, seed: int) -> Path:
+    return run["dir"] / f"seed_{seed}" / "predictions_test.csv"
+
+
 def _predictions(run: dict, seed: int):
     if run["info"].task not in ("regression", "classification"):
         return None
-    path = run["dir"] / f"seed_{seed}" / "predictions_test.csv"
+    path = _predictions_path(run, seed)
     return read_predictions(path, run["info"].task) if path.is_file() else None
 
 
@@ -205,8 +209,7 @@ def compare_runs(runs: dict[str, str | Path], metric: str | None = None, resampl
         for s in shared:
             pa, pb = _predictions(a, s), _predictions(b, s)
             if pa is None or pb is None:
-                missing = [str(r["dir"] / f"seed_{s}" / "predictions_test.csv") for r, x in ((a, pa), (b, pb))
-                           if x is None]
+                missing = [str(_predictions_path(r, s)) for r, x in ((a, pa), (b, pb)) if x is None]
                 log.warning("compare %s vs %s: seed %d left out of the bootstrap (missing %s)",
                             la, lb, s, ", ".join(missing))
                 continue

@@ -44,12 +44,13 @@ def load_model_from_checkpoint(path: str | Path, data_overrides: list[str] = ())
     return model.eval(), cfg, info
 
 
-def check_data(path: str | Path, model, saved_info: DatasetInfo, data) -> None:
+def check_data(path: str | Path, model, saved_info: DatasetInfo, data, fingerprint: dict | None = None) -> None:
     """Whether `data` can be read by the model of checkpoint `path` (loaded by
     `load_model_from_checkpoint`, trained on `saved_info`): other feature dims or outputs raise
     CheckpointError; other data of the same shape (another fingerprint, label range or metric
     family) are allowed, since evaluating on other data is legitimate, but logged as a warning:
-    numbers on it are not the run's."""
+    numbers on it are not the run's. fingerprint: `data`'s when the caller already has it (a
+    caller evaluating several checkpoints on one dataset hashes it once)."""
     from msakit.train.runfolder import data_fingerprint
 
     if data.info.feature_dims != saved_info.feature_dims or data.info.output_dim != saved_info.output_dim:
@@ -61,7 +62,7 @@ def check_data(path: str | Path, model, saved_info: DatasetInfo, data) -> None:
     differs = [f"{key} {getattr(saved_info, key)} -> {getattr(data.info, key)}"
                for key in ("label_range", "metric_family") if getattr(saved_info, key) != getattr(data.info, key)]
     trained_on = getattr(model, "trained_on", None)
-    if trained_on and data_fingerprint(data)["blake2b"] != trained_on.get("blake2b"):
+    if trained_on and (fingerprint or data_fingerprint(data))["blake2b"] != trained_on.get("blake2b"):
         differs.append("the data's fingerprint: their content, or the dataset's name")
     if differs:
         log.warning("%s: evaluated on other data than it was trained on (%s)", path, "; ".join(differs))

@@ -149,12 +149,17 @@ def fit_probe(features: dict[str, np.ndarray], data, metric: str) -> dict:
     return {"alpha": alpha, "valid": valid, "test": test}
 
 
-def probe_checkpoint(checkpoint, data, metrics: list[str], data_overrides=(), only: str | None = None) -> dict:
-    """{modality: {"module", metric: {"alpha", "valid", "test"}}} for one checkpoint."""
+def probe_checkpoint(checkpoint, data, metrics: list[str], data_overrides=(), only: str | None = None,
+                     fingerprint: dict | None = None) -> dict:
+    """{modality: {"module", metric: {"alpha", "valid", "test"}}} for one checkpoint. only: probe
+    that modality alone, of a checkpoint trained on it alone (checked: `_check_alone`).
+    fingerprint: `data`'s, when already computed (`evaluate.check_data`)."""
     from msakit.evaluate import check_data, load_model_from_checkpoint
 
     model, cfg, saved = load_model_from_checkpoint(checkpoint, data_overrides)
-    check_data(checkpoint, model, saved, data)
+    if only is not None:
+        _check_alone(only, checkpoint, cfg)
+    check_data(checkpoint, model, saved, data, fingerprint)
     device = resolve_device(cfg.train.device)
     model = model.to(device)
     names = {m: path for m, (path, _) in encoder_modules(model).items()}
@@ -177,18 +182,20 @@ def probe_report(checkpoint, alone: dict[str, str] | None = None, metrics: list[
     """Probes of `checkpoint` and, for each modality in `alone` ({modality: checkpoint trained on
     that modality alone}), of that checkpoint's encoder for the modality."""
     from msakit.evaluate import load_model_from_checkpoint
+    from msakit.train.runfolder import data_fingerprint
 
     _, cfg, _ = load_model_from_checkpoint(checkpoint, data_overrides)
     data = load_dataset(cfg.data)
+    fingerprint = data_fingerprint(data)  # once, for every checkpoint probed on these data
     if metrics is None:
         metrics = ["mae", "non0_acc2"] if data.info.task == "regression" else ["acc"]
-    report = {"dataset": data.info.name, "metrics": metrics, **probe_checkpoint(checkpoint, data, metrics, data_overrides)}
+    report = {"dataset": data.info.name, "metrics": metrics,
+              **probe_checkpoint(checkpoint, data, metrics, data_overrides, fingerprint=fingerprint)}
     report["alone"] = {}
     for m, path in (alone or {}).items():
         if m not in MODALITIES:
             raise ConfigError(f"--alone {m}=...: modality must be one of {', '.join(MODALITIES)}")
-        _check_alone(m, path, data_overrides)
-        got = probe_checkpoint(path, data, metrics, data_overrides, only=m)["probes"]
+        got = probe_checkpoint(path, data, metrics, data_overrides, only=m, fingerprint=fingerprint)["probes"]
         if m not in got:
             raise CheckpointError(f"{path}: exposes no {m} encoder")
         report["alone"][m] = {"checkpoint": str(path), **got[m]}
@@ -197,13 +204,10 @@ def probe_report(checkpoint, alone: dict[str, str] | None = None, metrics: list[
     return report
 
 
-def _check_alone(modality: str, path, data_overrides) -> None:
-    """Raise ConfigError unless checkpoint `path` was trained on `modality` alone: the condition
-    protocol keeping only it (train.corruption protocol conditions, mode fixed, condition t / a /
-    v), or the `unimodal` model of that modality."""
-    from msakit.evaluate import load_model_from_checkpoint
-
-    _, cfg, _ = load_model_from_checkpoint(path, data_overrides)
+def _check_alone(modality: str, path, cfg) -> None:
+    """Raise ConfigError unless checkpoint `path` (config `cfg`) was trained on `modality` alone:
+    the condition protocol keeping only it (train.corruption protocol conditions, mode fixed,
+    condition t / a / v), or the `unimodal` model of that modality."""
     c = cfg.train.corruption
     if (c.protocol, c.mode, c.condition) == ("conditions", "fixed", modality[0]):
         return

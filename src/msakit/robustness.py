@@ -145,6 +145,7 @@ def robustness_report(
     every protocol, level and corruption seed; returns {"metric", "split", "seeds", "runs": {label:
     summary}} and, with out_dir, writes robustness.json / .md / .png there."""
     from msakit.evaluate import check_data, load_model_from_checkpoint
+    from msakit.train.runfolder import data_fingerprint
 
     bad = [p for p in protocols if p not in PROTOCOL_CHOICES]
     if bad:
@@ -152,7 +153,7 @@ def robustness_report(
     if not seeds:
         raise ConfigError("--seeds must name at least one corruption seed")
     levels = _check_levels(levels)
-    datasets: dict[str, object] = {}
+    datasets: dict[str, tuple] = {}  # data section -> (data, fingerprint)
     report: dict = {"split": split, "seeds": list(seeds), "levels": levels, "runs": {}}
     said_short: set[str] = set()  # datasets whose <= 2-frame modalities were named (once each)
     for label, checkpoints in runs.items():
@@ -160,8 +161,11 @@ def robustness_report(
         for checkpoint in checkpoints:
             model, cfg, saved = load_model_from_checkpoint(checkpoint, data_overrides)
             key = repr(cfg.to_dict()["data"])
-            data = datasets.get(key) or datasets.setdefault(key, load_dataset(cfg.data))
-            check_data(checkpoint, model, saved, data)
+            if key not in datasets:  # loaded and hashed once for all checkpoints on the same data
+                data = load_dataset(cfg.data)
+                datasets[key] = (data, data_fingerprint(data))
+            data, fingerprint = datasets[key]
+            check_data(checkpoint, model, saved, data, fingerprint)
             if split not in data.splits:
                 raise ConfigError(f"--split {split!r}: choose from {sorted(data.splits)}")
             short = [m for m, n in data.splits[split].lengths.items() if int(n.max(initial=0)) <= 2]

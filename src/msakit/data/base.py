@@ -383,17 +383,18 @@ def to_loader(
     items = video_groups(arrays) if whole_videos else dataset
     collate = dataset.collate_groups if whole_videos else dataset.collate
     sampler = EpochOrder(len(items), seed) if shuffle else SequentialSampler(range(len(items)))
+    # a generator of its own for shuffled loaders: each DataLoader iterator draws a base seed
+    # from it, which would otherwise come from (and advance) torch's global random stream
+    generator = torch.Generator() if shuffle else None
     if shard is not None:  # the one-process loader's batches, each cut into `world` shards
         rank, world = shard
         batches = [b for b in BatchSampler(sampler, batch_size, drop_last=False)
                    if not (shuffle and len(b) < world)]  # see the docstring
         shards = [np.array_split(b, world)[rank].tolist() for b in batches]
         return DataLoader(items, batch_sampler=[s for s in shards if s], collate_fn=collate, num_workers=0,
-                          generator=torch.Generator() if shuffle else None)
-    # a generator of its own for shuffled loaders: each DataLoader iterator draws a base seed
-    # from it, which would otherwise come from (and advance) torch's global random stream
+                          generator=generator)
     return DataLoader(items, batch_size=batch_size, sampler=sampler, collate_fn=collate, num_workers=0,
-                      generator=torch.Generator() if shuffle else None)
+                      generator=generator)
 
 
 class EpochOrder(Sampler[int]):
