@@ -6,7 +6,10 @@
         -m msakit train ...
 
 `setup()` reads torchrun's environment (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR/PORT) and joins
-the process group once: `gloo` on CPU, `nccl` on GPUs (each process then uses cuda:LOCAL_RANK).
+the process group once: `gloo` on CPU, `nccl` on GPUs (each process then uses cuda:LOCAL_RANK),
+and leaves it at interpreter exit (`atexit`): a gloo process that exits still in its group can
+abort with SIGABRT ("terminate called without an active exception") when its worker threads
+are torn down with the interpreter (pytorch/pytorch#179291).
 Without torchrun (WORLD_SIZE unset or 1) everything here is a no-op and training is the ordinary
 one-process loop.
 
@@ -32,6 +35,7 @@ What the loop does with it (msakit/train/loop.py):
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 from dataclasses import dataclass
@@ -84,9 +88,15 @@ def setup(device: torch.device) -> tuple[Context, torch.device]:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        atexit.register(_leave)
         if dist.get_rank() > 0:  # one log, one table: rank 0 speaks
             logging.getLogger("msakit").setLevel(logging.WARNING)
     return current(), device
+
+
+def _leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def check_supported(model: nn.Module, model_name: str) -> None:
