@@ -5,9 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from fakes import make_data
 from test_models import MODELS, as_trained, first_batch, tiny_model
 
 from msakit.batch import MODALITIES, Batch
+from msakit.config import build_config
 from msakit.corruption import (
     CONDITIONS,
     UNK_TOKEN,
@@ -23,6 +25,7 @@ from msakit.corruption import (
     keep_condition,
     remove_modalities,
 )
+from msakit.train.loop import fit
 
 
 def make_batch(size=4, steps=10, lengths=None, dim=3, texts=None) -> Batch:
@@ -212,6 +215,35 @@ def test_batch_corruption_is_keyed_and_random_mode_keeps_half_complete():
     # corrupted samples draw their own rate per modality, uniform in [0, 1]: mean removed share 1/2
     share = torch.stack([(~a.mask(m)).float().mean(dim=1) for m in MODALITIES], dim=1)[~untouched]
     assert abs(share.mean().item() - 0.5) < 0.05 and share.std() > 0.2
+
+
+def test_each_training_seed_epoch_and_step_draws_its_own_corruption():
+    """The stream seed once was the training seed, so seed 2's epoch 1 replayed seed 1's epoch 2;
+    validation's streams are apart from every training batch's."""
+    batch, cfg = make_batch(size=64, steps=20), CorruptionConfig(protocol="drop", rate=0.5, mode="random")
+    masks = {}
+    for seed in (1, 2, 3):
+        transform = BatchCorruption.from_config(cfg, None, seed)
+        for epoch in (0, 1, 2):
+            for step in (0, 1):
+                key = BatchCorruption.training_key(epoch, step)
+                masks[seed, epoch, step] = transform(batch, key).audio_mask
+        masks[seed, "valid"] = transform.for_validation()(batch, 0).audio_mask
+    drawn = [m.flatten().tolist() for m in masks.values()]
+    assert len({tuple(m) for m in drawn}) == len(drawn)
+    again = BatchCorruption.from_config(cfg, None, 2)(batch, BatchCorruption.training_key(1, 1))
+    assert again.audio_mask.equal(masks[2, 1, 1])  # resume-safe: a key is its own stream
+
+
+def test_the_training_loop_keys_each_batch_by_epoch_and_step(monkeypatch, tmp_path):
+    seen = []
+    original = BatchCorruption.__call__
+    monkeypatch.setattr(BatchCorruption, "__call__", lambda self, b, key: seen.append((self.seed, key)) or original(self, b, key))
+    cfg = build_config({}, ["train.epochs=2", "data.batch_size=32", "train.num_threads=1", "train.progress=false",
+                            "train.corruption.protocol=drop", "train.corruption.rate=0.5", "train.corruption.validate=true"])
+    fit(cfg, make_data(sizes=(64, 16, 16)), 3, tmp_path / "seed_3")
+    assert [k for s, k in seen if s == 3 * 1_000_003] == [0, 1, 1_000_003, 1_000_004]
+    assert {s for s, _ in seen} == {3 * 1_000_003, 3 * 1_000_003 + 1_000_002}  # the other: validation
 
 
 def test_corruption_config_is_validated():

@@ -299,10 +299,14 @@ class CorruptionConfig:
         return self.protocol != "none"
 
 
+STREAMS = 1_000_003  # keys are below this: the generator of (seed, key) is seeded seed * STREAMS + key
+
+
 class BatchCorruption:
-    """A seeded batch transform: `transform(batch, key) -> Batch`, key an int (the batch's
-    number in an epoch/pass); each key gets its own generator seeded from (seed, key), so the
-    result does not depend on what ran before (resume-safe)."""
+    """A seeded batch transform: `transform(batch, key) -> Batch`, key an int below `STREAMS`
+    (the batch's number in an evaluation pass, or `training_key(epoch, step)`); each key gets its
+    own generator seeded from (seed, key), so the result does not depend on what ran before
+    (resume-safe)."""
 
     def __init__(self, protocol: str, rate: float, seed: int, mode: str = "fixed",
                  std: dict[str, torch.Tensor] | None = None, complete_fraction: float = 0.5,
@@ -312,19 +316,28 @@ class BatchCorruption:
 
     @classmethod
     def from_config(cls, cfg: CorruptionConfig, train_arrays, seed: int) -> BatchCorruption | None:
+        """Training seed `seed`'s corruption of its training batches (None for protocol none),
+        called with `training_key(epoch, step)`: every (seed, epoch, step) has a generator of
+        its own (seed < 9 million, epoch < STREAMS - 1). Until 2026-12 the stream seed was the
+        training seed itself, so seed s + 1's epoch e used seed s's epoch e + 1 stream."""
         if not cfg.active:
             return None
         std = feature_std(train_arrays) if cfg.protocol == "noise" else None
-        return cls(cfg.protocol, cfg.rate, seed, cfg.mode, std, cfg.complete_fraction, cfg.condition)
+        return cls(cfg.protocol, cfg.rate, seed * STREAMS, cfg.mode, std, cfg.complete_fraction, cfg.condition)
+
+    @staticmethod
+    def training_key(epoch: int, step: int) -> int:
+        """The key of a training batch (epoch and step counted from 0)."""
+        return epoch * STREAMS + step
 
     def for_validation(self) -> BatchCorruption:
-        """The same corruption under another seed; keys are batch numbers, so every epoch sees
-        the same corrupted validation split."""
-        return BatchCorruption(self.protocol, self.rate, self.seed + 7_919, self.mode, self.std,
+        """The same corruption on streams no training batch uses; keys are batch numbers, so
+        every epoch sees the same corrupted validation split."""
+        return BatchCorruption(self.protocol, self.rate, self.seed + STREAMS - 1, self.mode, self.std,
                                self.complete_fraction, self.condition)
 
     def __call__(self, batch: Batch, key: int) -> Batch:
-        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + key) % 2**63)
+        generator = torch.Generator().manual_seed((self.seed * STREAMS + key) % 2**63)
         if self.mode == "random":
             complete = torch.rand(batch.size, generator=generator) < self.complete_fraction
             if self.protocol == "conditions":

@@ -408,7 +408,7 @@ def fit(
         for batch, window in zip(bar, windows, strict=True):
             batch: Batch = batch.to(device)
             if corruption is not None:
-                batch = corruption(batch, epoch * 1_000_003 + steps)
+                batch = corruption(batch, corruption.training_key(epoch, steps))
             where = (epoch + 1, steps + 1)
             if concurrent is not None:  # the window's outputs on its last batch, [] before
                 try:
