@@ -173,9 +173,10 @@ def test_a_finished_report_is_not_replaced_without_overwrite(two_runs, capsys):
         assert "already holds" in capsys.readouterr().err
 
 
-def test_block_on_sequences_of_two_frames_is_said(two_runs, caplog):
+def test_block_that_removes_no_frame_is_said(two_runs, caplog):
     """block keeps each sequence's first and last frame, so on utterance-level data (mosi-poria:
-    one frame) its curve is the clean score: said, not just printed."""
+    one frame) its curve is the clean score: said, not just printed; so is a level too low to
+    remove a frame of the longest sequence."""
     import logging
 
     from msakit.robustness import robustness_report
@@ -197,5 +198,11 @@ def test_block_on_sequences_of_two_frames_is_said(two_runs, caplog):
                           data_overrides=["data.synthetic.audio_length=2", "data.synthetic.min_length_fraction=1.0"])
         assert [r.getMessage() for r in caplog.records if "block removes no" in r.getMessage()] == [
             "synthetic: block removes no audio frame (at most 2 frames, and block keeps the first and last)"]
+        caplog.clear()
+        robustness_report({"lf": checkpoints[:1]}, protocols=["block"], levels=[0, 0.1, 0.3], seeds=[1],
+                          data_overrides=["data.synthetic.vision_length=5", "data.synthetic.min_length_fraction=1.0"])
+        assert [r.getMessage() for r in caplog.records if "block removes no" in r.getMessage()] == [
+            "synthetic: block removes no vision frame at level 0.1 (round((n - 2) r) = 0 frames with at most 5 "
+            "frames)"]  # round(3 x 0.3) = 1 frame at 0.3
     curve = report["runs"]["lf"]["protocols"]["block"]
     assert curve["mean"][1] == curve["mean"][0]

@@ -30,7 +30,7 @@ import numpy as np
 
 from msakit.analysis import LOWER_IS_BETTER, score
 from msakit.config import ConfigError
-from msakit.corruption import CONDITIONS, PROTOCOLS, BatchCorruption, feature_std
+from msakit.corruption import CONDITIONS, PROTOCOLS, BatchCorruption, block_length, feature_std
 from msakit.data import load_dataset
 from msakit.train.checkpoint import CheckpointError, write_json, write_text
 from msakit.train.loop import predict, resolve_device
@@ -155,7 +155,7 @@ def robustness_report(
     levels = _check_levels(levels)
     datasets: dict[str, tuple] = {}  # data section -> (data, fingerprint)
     report: dict = {"split": split, "seeds": list(seeds), "levels": levels, "runs": {}}
-    said_short: set[str] = set()  # datasets whose <= 2-frame modalities were named (once each)
+    said_block: set[str] = set()  # datasets whose frames block leaves alone were named (once each)
     for label, checkpoints in runs.items():
         raw = []
         for checkpoint in checkpoints:
@@ -168,13 +168,9 @@ def robustness_report(
             check_data(checkpoint, model, saved, data, fingerprint)
             if split not in data.splits:
                 raise ConfigError(f"--split {split!r}: choose from {sorted(data.splits)}")
-            short = [m for m, n in data.splits[split].lengths.items() if int(n.max(initial=0)) <= 2]
-            if "block" in protocols and short and data.info.name not in said_short:
-                said_short.add(data.info.name)
-                log.warning("%s: block removes no %s frame (at most 2 frames, and block keeps the first and "
-                            "last)%s", data.info.name, "/".join(short),
-                            ": its curve is the clean score for models that do not read the transcripts"
-                            if len(short) == len(data.splits[split].lengths) else "")
+            if "block" in protocols and data.info.name not in said_block:
+                said_block.add(data.info.name)
+                _say_empty_blocks(data.info.name, data.splits[split].lengths, levels)
             chosen = metric or DEFAULT_METRICS.get(data.info.metric_family, "mae")
             if report.setdefault("metric", chosen) != chosen:
                 raise ConfigError(f"{checkpoint}: its default metric {chosen} differs from the other runs' "
@@ -189,6 +185,24 @@ def robustness_report(
         write_text(format_report(report) + "\n", out / "robustness.md")
         plot_report(report, out / "robustness.png")
     return report
+
+
+def _say_empty_blocks(name: str, lengths: dict[str, np.ndarray], levels: list[float]) -> None:
+    """Warn where `block` removes no frame of a modality: sequences of at most 2 frames (block
+    keeps the first and last) at every level, or levels where round((n - 2) r) = 0 even for the
+    longest sequence."""
+    longest = {m: int(n.max(initial=0)) for m, n in lengths.items()}
+    short = [m for m, n in longest.items() if n <= 2]
+    if short:
+        log.warning("%s: block removes no %s frame (at most 2 frames, and block keeps the first and "
+                    "last)%s", name, "/".join(short),
+                    ": its curve is the clean score for models that do not read the transcripts"
+                    if len(short) == len(longest) else "")
+    for m, n in longest.items():
+        empty = [f"{r:g}" for r in levels if r > 0 and n > 2 and block_length(n, r) == 0]
+        if empty:
+            log.warning("%s: block removes no %s frame at level %s (round((n - 2) r) = 0 frames with at "
+                        "most %d frames)", name, m, ", ".join(empty), n)
 
 
 def _fmt(value: float) -> str:
