@@ -138,6 +138,38 @@ def test_stored_lengths_clipped(tmp_path, caplog):
     assert any("clipped 2 lengths" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.parametrize("aligned", [True, False])
+def test_time_last_arrays_are_refused(tmp_path, aligned):
+    """An array stored [N, D, L] (time last) read as [N, L, D] would make each feature a frame:
+    its zero padding runs along the last axis, following its stored lengths (unaligned) or the
+    text's (aligned, no lengths)."""
+    path = tmp_path / "x.pkl"
+    raw, _ = make_file(path, aligned=aligned)
+    for split in raw.values():
+        split["vision"] = np.ascontiguousarray(split["vision"].transpose(0, 2, 1))
+    write_mmsa(path, raw)
+    source = "text's lengths" if aligned else r"its stored lengths \(vision_lengths\)"
+    with pytest.raises(DataError, match=rf"train: vision has shape \[12, 6, {10 if aligned else 15}\] but looks "
+                                        rf"stored \[N, D, L\] \(time last\).* follows {source} in \d+ of \d+"):
+        read_mmsa(path)
+
+
+def test_features_zero_over_whole_clips_are_not_taken_for_time_last(tmp_path):
+    """Trailing feature dimensions that are zero over a whole clip (a face never seen by some
+    detector outputs), with stored lengths past L (clipped): laid out right, so read."""
+    path = tmp_path / "unaligned_50.pkl"
+    raw, truth = make_file(path, aligned=False)
+    for split in raw.values():
+        for i in range(len(split["vision"])):
+            split["vision"][i, :, 6 - 1 - i % 5:] = 0.0
+        split["vision_lengths"] = np.asarray(split["vision_lengths"])
+        split["vision_lengths"][:2] = 16  # past L = 15: clipped
+    write_mmsa(path, raw)
+    data = read_mmsa(path)
+    assert data.splits["train"].features["vision"].shape == (12, 15, 6)
+    np.testing.assert_array_equal(data.splits["train"].lengths["audio"], truth["train"]["audio"])
+
+
 def test_mismatched_steps_without_lengths_are_inferred(tmp_path):
     rng = np.random.default_rng(2)
     steps = {"text": 6, "audio": 9, "vision": 6}

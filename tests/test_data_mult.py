@@ -118,6 +118,18 @@ def test_bad_files(tmp_path, mutate, pattern):
     assert str(path) in str(err.value)
 
 
+def test_time_last_arrays_are_refused(tmp_path):
+    """Word-aligned audio stored [N, 74, L]: its padding follows the text's lengths along the
+    last axis."""
+    path = tmp_path / "mosi_data.pkl"
+    raw, _ = make_file(path, iemocap=False)
+    for split in raw.values():
+        split["audio"] = np.ascontiguousarray(split["audio"].transpose(0, 2, 1))
+    write_mult(path, raw)
+    with pytest.raises(DataError, match=r"train: audio has shape \[10, 74, 8\] but looks stored \[N, D, L\]"):
+        read_mult(path)
+
+
 def test_mixed_label_kinds_rejected(tmp_path):
     rng = np.random.default_rng(5)
     splits = {s: make_split(n, rng, iemocap=(s != "test"))[0] for s, n in SIZES.items()}

@@ -17,7 +17,9 @@ Lengths (all clipped to [1, L]):
     text: text_bert[:, 1, :].sum() (the attention mask) when present, else inferred from padding;
     audio/vision: the stored *_lengths; without them (aligned files) the text's lengths and
     padding side when the sequence length equals L_t, else inferred from padding.
-    Refused (DataError): non-finite stored lengths; a text_bert whose mask row is empty for most
+    Refused (DataError): an array that looks stored [N, D, L] (time last: its zero padding runs
+    along the last axis, following its stored lengths or the text's; `padding.check_time_axis`);
+    non-finite stored lengths; a text_bert whose mask row is empty for most
     samples (rows in another order); stored lengths (the mask included) that disagree with the
     data's zero padding, too short or too long (`padding._check_stored`).
 Padding side: MMSA-FET pads at the end by default and at the start with
@@ -61,7 +63,7 @@ from msakit.data.base import (
     group_by_video,
     validate,
 )
-from msakit.data.padding import Sequences, Units, normalise_padding, real_frames
+from msakit.data.padding import Sequences, Units, check_time_axis, normalise_padding, real_frames
 from msakit.data.safe_pickle import load_pickle, save_pickle
 
 if TYPE_CHECKING:
@@ -187,6 +189,14 @@ def _read_split(raw: Any, path: Path, split: str, task: str) -> _Split:
         labels = labels.astype(np.int64)
 
     features = sequence_features(raw, f"{path}: {split}", n, f"{split}.{label_key}")
+    stored_lengths = {}
+    for m in ("audio", "vision"):
+        if f"{m}_lengths" in raw:
+            key = f"{m}_lengths"
+            stored_lengths[m] = to_float_array(raw[key], f"{path}: {split}.{key}").reshape(-1)
+            if stored_lengths[m].shape[0] != n:
+                raise DataError(f"{path}: {split}.{key} has {stored_lengths[m].shape[0]} entries, expected {n}")
+    check_time_axis(features, stored_lengths, f"{path}: {split}")
 
     # padding units: text with the modalities that share its frames (aligned files), the others
     steps_t = features["text"].shape[1]
@@ -214,15 +224,9 @@ def _read_split(raw: Any, path: Path, split: str, task: str) -> _Split:
     for m in ("audio", "vision"):
         if m in followers:
             continue
-        key, steps = f"{m}_lengths", features[m].shape[1]
-        stored = None
-        if key in raw:
-            stored = to_float_array(raw[key], f"{path}: {split}.{key}").reshape(-1)
-            if stored.shape[0] != n:
-                raise DataError(
-                    f"{path}: {split}.{key} has {stored.shape[0]} entries, expected {n}"
-                )
-            stored = _clip_lengths(stored, steps, f"{path}: {split}.{m}")
+        key, stored = f"{m}_lengths", stored_lengths.get(m)
+        if stored is not None:
+            stored = _clip_lengths(stored, features[m].shape[1], f"{path}: {split}.{m}")
         units[m] = ((m,), Sequences([features[m]], real_frames(features[m]), stored, key))
 
     ids = (

@@ -22,6 +22,8 @@ data (`data.padding=auto`, see msakit/data/padding.py; word-aligned modalities t
 is real if any modality's frame is not all-zero), start padding is moved to the end, and the
 length is counted from the first real frame to the end (start) or from the start to the last
 real frame (end), so zero frames inside the real part stay real. The side found is a run note.
+An array that looks stored [N, D, L] (time last: its zero padding runs along the last axis,
+following another modality's lengths) is refused (`padding.check_time_axis`).
 Video context: [N, k >= 2] ids give each split's `groups` (a video's clips in clip order).
 """
 
@@ -46,7 +48,7 @@ from msakit.data.base import (
     validate,
 )
 from msakit.data.mmsa import mmsa_video, sequence_features, to_float_array
-from msakit.data.padding import Sequences, Units, normalise_padding, real_frames
+from msakit.data.padding import Sequences, Units, check_time_axis, normalise_padding, real_frames
 from msakit.data.safe_pickle import load_pickle, save_pickle
 
 if TYPE_CHECKING:
@@ -112,6 +114,7 @@ def _read_split(
     labels, iemocap = _labels(raw, path, split)
     n = labels.shape[0]
     features = sequence_features(raw, f"{path}: {split}", n, f"{split}.labels")
+    check_time_axis(features, {}, f"{path}: {split}")
     if len({features[m].shape[1] for m in MODALITIES}) == 1:  # word-aligned: one shared length
         aligned = [features[m] for m in MODALITIES]
         units = {"+".join(MODALITIES): (MODALITIES, Sequences(aligned, real_frames(*aligned)))}

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 SIDES = ("auto", "start", "end")
 _CHUNK = 1024  # samples per block (bounds the temporary memory on MOSEI-sized arrays)
 
-__all__ = ["SIDES", "Sequences", "Units", "infer_lengths", "normalise_padding", "real_frames"]
+__all__ = ["SIDES", "Sequences", "Units", "check_time_axis", "infer_lengths", "normalise_padding", "real_frames"]
 
 
 def real_frames(*features: np.ndarray) -> np.ndarray:
@@ -112,6 +112,42 @@ def _choose(name: str, counts: tuple[int, int], requested: str, where: str) -> t
     if end:
         return "end", f"{name} end ({end} padded samples seen, none start-padded)"
     return "end", f"{name} end (assumed: no zero padding seen in the data)"
+
+
+def _extents(real: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """From real frames [N, L]: ([N] bool: padded at one end, [N] int: frames up to the padding)."""
+    start, end = sample_sides(real)
+    _, first, last = _first_last(real)
+    return start | end, np.where(start, real.shape[1] - first, last + 1)
+
+
+def check_time_axis(features: dict[str, np.ndarray], stored: dict[str, np.ndarray], where: str) -> None:
+    """Raise DataError when a modality's [N, A, B] array looks stored [N, D, L] (time last)
+    instead of [N, L, D]: its zero padding runs along the LAST axis, following the lengths it
+    should follow along the time axis:
+    - its own stored lengths (`stored[m]`, [N], before any clipping) when they exceed A, or
+    - another modality's lengths when that one's time axis has B frames (word-aligned data).
+    At least 3 in 4 of the samples padded along the last axis (and 5, and 1 in 10 of all) must
+    match: a feature that is zero over a whole clip does not follow the clip lengths, so files
+    laid out right are not refused. Only arrays with such a candidate are scanned."""
+    for m, x in features.items():
+        n, steps, width = x.shape
+        candidates = [(np.rint(stored[m]), f"its stored lengths ({m}_lengths)")] if (
+            m in stored and stored[m].size and np.nanmax(stored[m]) > steps) else []
+        candidates += [(_extents(real_frames(y))[1], f"{k}'s lengths") for k, y in features.items()
+                       if k != m and y.shape[1] == width]
+        if not candidates:
+            continue
+        padded, extent = _extents(real_frames(np.swapaxes(x, 1, 2)))
+        if padded.sum() < max(5, n / 10):
+            continue
+        for lengths, source in candidates:
+            match = int((padded & (extent == lengths)).sum())
+            if match >= 0.75 * padded.sum():
+                raise DataError(
+                    f"{where}: {m} has shape [{n}, {steps}, {width}] but looks stored [N, D, L] (time last): "
+                    f"its zero padding runs along the last axis and follows {source} in {match} of "
+                    f"{int(padded.sum())} samples padded there; store it [N, L, D] (np.transpose(x, (0, 2, 1)))")
 
 
 def infer_lengths(seq: Sequences, side: str) -> np.ndarray:
