@@ -71,6 +71,8 @@ ABLATIONS = {
     "psa_mf_no_personality": ("psa_mf/{d}", ["model.use_personality=false"]),
     "psa_mf_no_prefusion": ("psa_mf/{d}", ["model.use_prefusion=false"]),
     "psa_mf_no_enhanced_fusion": ("psa_mf/{d}", ["model.use_enhanced_fusion=false"]),
+    "lf_dnn": ZOO["lf_dnn"],  # robust training: LF-DNN trained clean and LNLN-style
+    "lf_dnn_lnln_missing": ZOO["lf_dnn_lnln_missing"],
 }
 
 

@@ -133,7 +133,7 @@ def check_time_axis(features: dict[str, np.ndarray], stored: dict[str, np.ndarra
     for m, x in features.items():
         n, steps, width = x.shape
         candidates = [(np.rint(stored[m]), f"its stored lengths ({m}_lengths)")] if (
-            m in stored and stored[m].size and np.nanmax(stored[m]) > steps) else []
+            m in stored and np.any(stored[m] > steps)) else []
         candidates += [(_extents(real_frames(y))[1], f"{k}'s lengths") for k, y in features.items()
                        if k != m and y.shape[1] == width]
         if not candidates:
