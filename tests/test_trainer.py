@@ -132,6 +132,37 @@ def test_plateau_scheduler_state_survives_resume(tmp_path):
     assert history[-1]["lr"] < history[0]["lr"] or all(r["selected"] for r in history)
 
 
+def test_the_logged_lr_is_the_rate_the_epoch_trained_at(tmp_path):
+    """The plateau cut after epoch e applies from epoch e + 1; it was logged on epoch e."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    used = []
+    handle = register_optimizer_step_pre_hook(lambda optimizer, args, kwargs: used.append(optimizer.param_groups[0]["lr"]))
+    try:
+        run_experiment(config("train.epochs=7", "train.scheduler=plateau", "train.plateau_patience=0", "train.lr=0.05",
+                              "train.patience=100", "data.batch_size=16"), tmp_path / "r", data=make_data())
+    finally:
+        handle.remove()
+    history = [json.loads(x) for x in (tmp_path / "r" / "seed_1" / "log.jsonl").read_text().splitlines()]
+    assert len(used) == 21 and len(set(used)) > 1  # 3 steps an epoch; the rate was cut (after epoch 6)
+    assert [r["lr"] for r in history] == used[::3]
+
+
+def test_the_selected_weights_are_those_validated_before_the_epoch_end_hook(tmp_path):
+    """PaSE switches to phase 2 in on_epoch_end, which drops its unimodal loss terms: the weights
+    selected at that epoch are the phase-1 ones validated, so the run's validation loss is the
+    one logged and selected on (it was phase 2's: 2.39 against 6.83 logged)."""
+    sets = ["model.hidden=8", "model.depth=1", "model.min_phase1_epochs=1", "model.switch_patience=1",
+            "model.switch_delta=10", "train.select_metric=loss", "train.lr=0.003", "train.epochs=2",
+            "data.synthetic.train_size=96", "data.synthetic.valid_size=32", "data.synthetic.test_size=16"]
+    run_experiment(config(*sets, model="pase"), tmp_path / "r")
+    history = [json.loads(x) for x in (tmp_path / "r" / "seed_1" / "log.jsonl").read_text().splitlines()]
+    metrics = json.loads((tmp_path / "r" / "seed_1" / "metrics.json").read_text())
+    assert [r["phase"] for r in history] == [1, 2] and metrics["best_epoch"] == 2  # switched after epoch 2
+    assert metrics["valid"]["loss"] == pytest.approx(history[1]["valid_loss"], rel=1e-6)
+    assert int(load_checkpoint(tmp_path / "r" / "seed_1" / "best.pt")["model"]["phase"]) == 1
+
+
 class TwoOptimizerModel(torch.nn.Module):
     """A model with its own update rule: the generic training_step hook, two optimisers."""
 

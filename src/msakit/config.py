@@ -104,7 +104,10 @@ class TrainConfig(Validated, section="train"):
     """"32", "bf16" or "16": autocast dtype of the forward pass (losses and metrics stay float32;
     "16" adds a gradient scaler). bf16 also runs on CPU; see msakit/train/precision.py."""
     grad_accumulation: int = 1
-    """Sum the gradients of this many batches before each optimiser step."""
+    """Step the optimiser once per this many batches, on the MEAN of their gradients (each
+    batch's loss is divided by the window size), so K batches of b/K step as one batch of b when
+    they are equal in size. thuiar/MMSA's update_epochs sums them instead: under Adam the two
+    differ only where gradient clipping fires (and through Adam's eps)."""
     window_threads: int = 1
     """CPU: run this many batches of a gradient-accumulation window at once, each in its own
     thread (models declaring `concurrent_batches`, e.g. MulT; msakit/train/window.py). Dropout

@@ -446,20 +446,20 @@ def fit(
             "seconds": time.perf_counter() - started,
             "train_seconds": train_seconds,
         }
-        if hasattr(model, "on_epoch_end"):
-            record.update(model.on_epoch_end(epoch + 1, valid_metrics) or {})
         value = valid_metrics.get(metric, math.nan)
         if metric not in valid_metrics:
             raise TrainingError(f"train.select_metric {metric!r} is not a validation metric: {sorted(valid_metrics)}")
-        if is_better(value, best_value, mode):
-            best_value, best_epoch, bad_epochs = value, epoch + 1, 0
+        if is_better(value, best_value, mode):  # the state just validated, before on_epoch_end
+            best_value, best_epoch, bad_epochs = value, epoch + 1, 0  # changes it (PaSE's phase)
             best_state = None  # freed before the copy: one model's worth less at the peak
             best_state = _state_copy(model)
         else:
             bad_epochs += 1
+        if hasattr(model, "on_epoch_end"):
+            record.update(model.on_epoch_end(epoch + 1, valid_metrics) or {})
+        record["lr"] = next(iter(optimizers.values())).param_groups[0]["lr"]  # the rate this epoch trained at
         for scheduler in schedulers.values():
             scheduler.step(value)
-        record["lr"] = next(iter(optimizers.values())).param_groups[0]["lr"]
         record["selected"] = best_epoch == epoch + 1
         record["stopped"] = bad_epochs >= train_cfg.patience
         history.append(record)
