@@ -40,7 +40,8 @@ log = logging.getLogger(__name__)
 SIDES = ("auto", "start", "end")
 _CHUNK = 1024  # samples per block (bounds the temporary memory on MOSEI-sized arrays)
 
-__all__ = ["SIDES", "Sequences", "Units", "check_time_axis", "infer_lengths", "normalise_padding", "real_frames"]
+__all__ = ["SIDES", "Sequences", "Units", "check_time_axis", "infer_lengths", "normalise_padding", "padding_extents",
+           "real_frames"]
 
 
 def real_frames(*features: np.ndarray) -> np.ndarray:
@@ -114,7 +115,7 @@ def _choose(name: str, counts: tuple[int, int], requested: str, where: str) -> t
     return "end", f"{name} end (assumed: no zero padding seen in the data)"
 
 
-def _extents(real: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def padding_extents(real: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """From real frames [N, L]: ([N] bool: padded at one end, [N] int: frames up to the padding)."""
     start, end = sample_sides(real)
     _, first, last = _first_last(real)
@@ -134,11 +135,11 @@ def check_time_axis(features: dict[str, np.ndarray], stored: dict[str, np.ndarra
         n, steps, width = x.shape
         candidates = [(np.rint(stored[m]), f"its stored lengths ({m}_lengths)")] if (
             m in stored and np.any(stored[m] > steps)) else []
-        candidates += [(_extents(real_frames(y))[1], f"{k}'s lengths") for k, y in features.items()
+        candidates += [(padding_extents(real_frames(y))[1], f"{k}'s lengths") for k, y in features.items()
                        if k != m and y.shape[1] == width]
         if not candidates:
             continue
-        padded, extent = _extents(real_frames(np.swapaxes(x, 1, 2)))
+        padded, extent = padding_extents(real_frames(np.swapaxes(x, 1, 2)))
         if padded.sum() < max(5, n / 10):
             continue
         for lengths, source in candidates:
