@@ -175,6 +175,35 @@ def test_a_run_failing_on_its_arguments_leaves_no_folder(tmp_path, capsys, argv)
     assert not out.exists()
 
 
+@pytest.mark.parametrize(("sets", "message"), [
+    (["train.select_metric=acc"], "train.select_metric 'acc' is not a validation metric"),
+    (["train.grad_accumulation=2", "train.window_threads=2"], "window_threads"),
+])
+def test_a_run_failing_once_the_model_exists_leaves_no_run(tmp_path, capsys, sets, message):
+    """Settings found wrong only after the data load and model build: the corrected command
+    must not meet "already holds a run"."""
+    out = tmp_path / "new" / "run"
+    assert main(["train", "--out", str(out), "--epochs", "1", *SMALL, *sets]) == 2
+    assert message in last_error(capsys)
+    assert not out.exists()
+    assert main(["train", "--out", str(out), "--epochs", "1", *SMALL]) == 0
+
+
+def test_a_failing_second_seed_keeps_the_first_resumable(tmp_path, capsys, monkeypatch):
+    import msakit.train.experiment as experiment
+
+    def fit(cfg, data, seed, *args, **kwargs):
+        if seed == 2:
+            raise loop.TrainingError("seed 2 failed")
+        return loop.fit(cfg, data, seed, *args, **kwargs)
+
+    monkeypatch.setattr(experiment, "fit", fit)
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--epochs", "1", "--seeds", "1", "2", *SMALL]) == 2
+    assert "seed 2 failed" in last_error(capsys)
+    assert (out / "config.yaml").is_file() and (out / "seed_1" / "last.pt").is_file()
+
+
 def test_a_run_asking_for_a_missing_gpu_leaves_no_folder(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     out = tmp_path / "new" / "run"

@@ -58,7 +58,8 @@ def run_experiment(
     Raises RunFolderError (folder locked by another run, holding another run without
     `overwrite`, or a resume that does not match the folder's run) and TrainingError (a
     `train.device` this machine lacks) before writing anything, and
-    `Interrupted` (a KeyboardInterrupt) on Ctrl-C, leaving the folder resumable."""
+    `Interrupted` (a KeyboardInterrupt) on Ctrl-C, leaving the folder resumable. A new run that
+    fails before any epoch is saved leaves no run behind (`RunFolder.abandon`)."""
     out_dir = Path(out_dir)
     cfg = absolute_data_paths(cfg)
     main = distributed.main_process()  # torchrun: rank 0 owns the folder and writes; others train
@@ -83,6 +84,10 @@ def run_experiment(
                 results.append(fit(cfg, data, seed, run_dir, resume=resume, fingerprint=fingerprint))
             except KeyboardInterrupt:
                 raise Interrupted(out_dir, seed, _epochs_done(run_dir)) from None
+            except Exception:
+                if main and not resume:
+                    folder.abandon()
+                raise
         test_mean, test_std = aggregate_seeds([r.test for r in results])
         metric, mode = selection_rule(cfg, data.info)
         summary = {

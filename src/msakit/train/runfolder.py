@@ -268,6 +268,18 @@ class RunFolder:
             if last.is_file():
                 check_checkpoint(load_checkpoint(last), last, cfg, seed, fingerprint)
 
+    def abandon(self) -> None:
+        """A new run that failed before any epoch was saved (a setting found wrong only once the
+        data and model exist): remove what it wrote, config.yaml and its seed folders, so the
+        folder holds no run and the corrected command can use it. A seed with a last.pt keeps
+        everything (the run resumes)."""
+        seeds = [p for p in self.path.iterdir() if p.is_dir() and _SEED_DIR.fullmatch(p.name)]
+        if any((p / "last.pt").exists() for p in seeds):
+            return
+        (self.path / "config.yaml").unlink(missing_ok=True)
+        for path in seeds:
+            shutil.rmtree(path)
+
     # -- writing starts here --
 
     def start(self, overwrite: bool) -> None:
