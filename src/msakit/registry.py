@@ -7,6 +7,7 @@ Model files are imported in `msakit/models/__init__.py`; importing it fills the 
 from __future__ import annotations
 
 import random
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,7 +78,8 @@ def check_size(entry: ModelEntry, cfg, info) -> None:
         return
     states = (torch.get_rng_state(), np.random.get_state(), random.getstate())
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), warnings.catch_warnings():  # a head loaded in __init__ (PSA-MF's
+            warnings.filterwarnings("ignore", message=".*meta parameter.*no-op")  # personality): shapes only
             probe = entry.model_cls(cfg, info)
     except (ConfigError, ValueError, TypeError):
         raise
