@@ -142,6 +142,17 @@ def test_missing_file(tmp_path):
     path = tmp_path / "nope.pkl"
     with pytest.raises(DataError, match="nope.pkl: file not found"):
         load_pickle(path)
+    with pytest.raises(DataError, match=f"{tmp_path}: is a folder, expected a pickle file"):
+        load_pickle(tmp_path)
+
+
+def test_a_csv_is_said_to_be_text_not_a_refused_global(tmp_path):
+    """An "i" first is protocol 0's INST opcode, so the header line reads as a class's module: the error
+    named 'refused to unpickle d,text,label...' as if the file were a hostile pickle."""
+    path = tmp_path / "labels.csv"
+    path.write_text("id,text,label,mode\n03bSnISJMiM_1,anyhow it was really good,2.4,train\n")
+    with pytest.raises(DataError, match=r"labels.csv: not a pickle: its first bytes read as text \(a CSV"):
+        load_pickle(path)
 
 
 def test_numpy1_module_names_accepted():

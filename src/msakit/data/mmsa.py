@@ -381,6 +381,6 @@ def load_mmsa(cfg: DataConfig) -> MultimodalData:
     if not cfg.data_path:
         raise DataError(
             "mmsa: data.data_path is not set; point it at an MMSA pickle "
-            "(e.g. data.data_path=/data/MOSI/aligned_50.pkl)"
+            "(--data-path /data/MOSI/aligned_50.pkl, or data.data_path in a config)"
         )
     return read_mmsa(cfg.data_path, padding=cfg.padding)

@@ -227,6 +227,6 @@ def load_mult(cfg: DataConfig) -> MultimodalData:
     if not cfg.data_path:
         raise DataError(
             "mult: data.data_path is not set; point it at a MulT pickle "
-            "(e.g. data.data_path=/data/iemocap_data.pkl)"
+            "(--data-path /data/iemocap_data.pkl, or data.data_path in a config)"
         )
     return read_mult(cfg.data_path, padding=cfg.padding)

@@ -265,6 +265,8 @@ class _RestrictedUnpickler(pickle._Unpickler):  # noqa: SLF001 (the pure-Python 
         key = ("builtins" if module == "__builtin__" else module, name)
         if key in self.globals:
             return self.globals[key]
+        if not all(part.isidentifier() for part in f"{module}.{name}".split(".")):
+            raise _Refused("not a pickle: its first bytes read as text (a CSV or other text file?)")
         raise _Refused(
             f"refused to unpickle {module}.{name}: only numpy arrays and plain containers are allowed"
         )
@@ -553,6 +555,8 @@ def load_pickle(path: str | os.PathLike, max_bytes: int | None = None) -> object
     holds a reference cycle.
     """
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder, expected a pickle file")
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     try:
