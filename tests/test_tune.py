@@ -68,7 +68,8 @@ def test_tune_end_to_end_test_split_only_in_the_final_run(tmp_path, monkeypatch)
     monkeypatch.setattr(experiment, "fit", fit)  # the final run goes through run_experiment
     monkeypatch.setattr(loop, "evaluate", evaluate)
     out = tmp_path / "tune"
-    assert main(tune_args(out, 3, "--final-seeds", "1", "2")) == 0
+    monkeypatch.chdir(tmp_path)
+    assert main(tune_args(out, 3, "--final-seeds", "1", "2", "--data-root", "data/../data")) == 0
 
     fits = [c for c in calls if c.endswith("fit")]
     assert fits == ["trial fit"] * 3 + ["final fit"] * 2
@@ -83,6 +84,7 @@ def test_tune_end_to_end_test_split_only_in_the_final_run(tmp_path, monkeypatch)
     assert cfg.train.lr == pytest.approx(best.params["train.lr"])
     assert cfg.model.dropout == pytest.approx(best.params["model.dropout"])
     assert cfg.train.seeds == [1, 2] and cfg.model.text_hidden == 8
+    assert cfg.data.data_root == str(tmp_path / "data")  # runs from any folder: absolute, normalised
     assert (out / "best.yaml").read_text().startswith("# msakit train --config")
     summary = json.loads((out / "study.json").read_text())
     assert summary["counts"]["COMPLETE"] == 3 and set(summary["importances"]) == set(best.params)

@@ -59,6 +59,7 @@ from msakit.data import MultimodalData, load_dataset
 from msakit.registry import get_model_entry
 from msakit.train import loop as train_loop
 from msakit.train.checkpoint import write_json, write_text
+from msakit.train.experiment import absolute_data_paths
 
 log = logging.getLogger(__name__)
 
@@ -296,8 +297,8 @@ def tune(
         raise TuneError(f"study {name!r}: no trial completed (see {out / 'study.md'})")
     best_trial = study.best_trial
     seeds = final_seeds or base.train.seeds
-    best_cfg = build_config(tree, [*overrides, *_overrides(best_trial.params),
-                                   f"train.seeds={json.dumps(list(seeds))}"])
+    best_cfg = absolute_data_paths(build_config(tree, [*overrides, *_overrides(best_trial.params),
+                                                       f"train.seeds={json.dumps(list(seeds))}"]))
     best_path = out / "best.yaml"
     header = (f"# msakit train --config {best_path} --out {out / 'final'}\n"
               f"# best of Optuna study {name!r} ({len(summary['trials'])} trials): trial "
