@@ -154,6 +154,21 @@ def test_time_last_arrays_are_refused(tmp_path, aligned):
         read_mmsa(path)
 
 
+@pytest.mark.parametrize("vision_steps", [4, 6])
+def test_time_last_arrays_with_fewer_or_as_many_frames_as_features_are_refused(tmp_path, vision_steps):
+    """L < D (CH-SIMS vision: 55 frames of 709 features) or L == D, with stored lengths: none of
+    them exceeds the first axis, and the stored lengths would be applied to the features."""
+    rng = np.random.default_rng(1)
+    steps = {"text": 9, "audio": 20, "vision": vision_steps}
+    raw = {split: make_split(40, rng, steps, aligned=False)[0] for split in SIZES}
+    for split in raw.values():
+        split["vision"] = np.ascontiguousarray(split["vision"].transpose(0, 2, 1))
+    path = tmp_path / "unaligned.pkl"
+    write_mmsa(path, raw)
+    with pytest.raises(DataError, match=rf"vision has shape \[40, 6, {vision_steps}\] but looks stored \[N, D, L\]"):
+        read_mmsa(path)
+
+
 def test_features_zero_over_whole_clips_are_not_taken_for_time_last(tmp_path):
     """Trailing feature dimensions that are zero over a whole clip (a face never seen by some
     detector outputs), with stored lengths past L (clipped): laid out right, so read."""

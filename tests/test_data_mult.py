@@ -124,11 +124,19 @@ def test_time_last_arrays_are_refused(tmp_path):
     """Word-aligned audio stored [N, 74, L]: its padding follows the text's lengths along the
     last axis."""
     path = tmp_path / "mosi_data.pkl"
-    raw, _ = make_file(path, iemocap=False)
+    rng = np.random.default_rng(4)
+    raw = {split: make_split(40, rng, iemocap=False)[0] for split in SIZES}
     for split in raw.values():
         split["audio"] = np.ascontiguousarray(split["audio"].transpose(0, 2, 1))
     write_mult(path, raw)
-    with pytest.raises(DataError, match=r"train: audio has shape \[10, 74, 8\] but looks stored \[N, D, L\]"):
+    with pytest.raises(DataError, match=r"train: audio has shape \[40, 74, 8\] but looks stored \[N, D, L\]"):
+        read_mult(path)
+    for split in raw.values():  # all three transposed: no time axis left to compare with
+        for m in ("text", "vision"):
+            split[m] = np.ascontiguousarray(split[m].transpose(0, 2, 1))
+    write_mult(path, raw)
+    with pytest.raises(DataError, match=r"train: text has shape \[40, 300, 8\] but looks stored \[N, D, L\].*"
+                                        r"follows the last-axis padding of audio"):
         read_mult(path)
 
 

@@ -196,7 +196,8 @@ def _read_split(raw: Any, path: Path, split: str, task: str) -> _Split:
             stored_lengths[m] = to_float_array(raw[key], f"{path}: {split}.{key}").reshape(-1)
             if stored_lengths[m].shape[0] != n:
                 raise DataError(f"{path}: {split}.{key} has {stored_lengths[m].shape[0]} entries, expected {n}")
-    check_time_axis(features, stored_lengths, f"{path}: {split}")
+    rows = {m: real_frames(features[m]) for m in stored_lengths}  # [N, L] real frames, read once
+    check_time_axis(features, stored_lengths, f"{path}: {split}", rows)
 
     # padding units: text with the modalities that share its frames (aligned files), the others
     steps_t = features["text"].shape[1]
@@ -227,7 +228,8 @@ def _read_split(raw: Any, path: Path, split: str, task: str) -> _Split:
         key, stored = f"{m}_lengths", stored_lengths.get(m)
         if stored is not None:
             stored = _clip_lengths(stored, features[m].shape[1], f"{path}: {split}.{m}")
-        units[m] = ((m,), Sequences([features[m]], real_frames(features[m]), stored, key))
+        real = rows[m] if m in rows else real_frames(features[m])
+        units[m] = ((m,), Sequences([features[m]], real, stored, key))
 
     ids = (
         _strings(raw["id"], n, f"{path}: {split}.id")

@@ -122,33 +122,59 @@ def padding_extents(real: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return start | end, np.where(start, real.shape[1] - first, last + 1)
 
 
-def check_time_axis(features: dict[str, np.ndarray], stored: dict[str, np.ndarray], where: str) -> None:
+def check_time_axis(features: dict[str, np.ndarray], stored: dict[str, np.ndarray], where: str,
+                    rows: dict[str, np.ndarray] | None = None) -> None:
     """Raise DataError when a modality's [N, A, B] array looks stored [N, D, L] (time last)
-    instead of [N, L, D]: its zero padding runs along the LAST axis, following the lengths it
-    should follow along the time axis:
-    - its own stored lengths (`stored[m]`, [N], before any clipping) when they exceed A, or
-    - another modality's lengths when that one's time axis has B frames (word-aligned data).
-    At least 3 in 4 of the samples padded along the last axis (and 5, and 1 in 10 of all) must
-    match: a feature that is zero over a whole clip does not follow the clip lengths, so files
-    laid out right are not refused. Only arrays with such a candidate are scanned."""
+    instead of [N, L, D]: its zero padding runs along the LAST axis, following lengths it should
+    follow along the time axis. The lengths tried:
+    - its own stored lengths (`stored[m]`, [N], before any clipping), unless the time axis's
+      zero padding already follows them;
+    - the lengths of another modality whose time axis has B frames (word-aligned data);
+    - the last-axis padding of another modality that also has B on its last axis (every
+      modality of a word-aligned file transposed).
+    At least 3 in 4 of the samples padded along the last axis (and 10, and 1 in 10 of all) must
+    match, with 3 or more different lengths among them: a feature that is zero over a whole clip
+    does not follow the clip lengths, so files laid out right are not refused. Not detected: a
+    modality transposed alone with no lengths to compare (unaligned, no stored lengths).
+    rows: [N, A] real frames of a modality where the caller has them (saves a pass)."""
+    rows = rows or {}
+    scanned: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def last_axis(k: str) -> tuple[np.ndarray, np.ndarray]:  # padded [N], extent [N] on the last axis
+        if k not in scanned:
+            scanned[k] = padding_extents(real_frames(np.swapaxes(features[k], 1, 2)))
+        return scanned[k]
+
+    def time_axis(k: str) -> tuple[np.ndarray, np.ndarray]:
+        return padding_extents(rows[k] if k in rows else real_frames(features[k]))
+
     for m, x in features.items():
         n, steps, width = x.shape
-        candidates = [(np.rint(stored[m]), f"its stored lengths ({m}_lengths)")] if (
-            m in stored and np.any(stored[m] > steps)) else []
-        candidates += [(padding_extents(real_frames(y))[1], f"{k}'s lengths") for k, y in features.items()
-                       if k != m and y.shape[1] == width]
+        everyone = np.ones(n, dtype=bool)
+        candidates = []
+        if m in stored:
+            lengths = np.rint(stored[m])
+            padded, extent = time_axis(m)
+            if int((padded & (extent == lengths)).sum()) < max(10, 0.75 * padded.sum()):
+                candidates.append((lengths, everyone, f"its stored lengths ({m}_lengths)"))
+        for k, y in features.items():
+            if k != m and y.shape[1] == width:
+                candidates.append((time_axis(k)[1], everyone, f"{k}'s lengths"))
+            if k != m and y.shape[2] == width:
+                other_padded, other_extent = last_axis(k)
+                candidates.append((other_extent, other_padded, f"the last-axis padding of {k}"))
         if not candidates:
             continue
-        padded, extent = padding_extents(real_frames(np.swapaxes(x, 1, 2)))
-        if padded.sum() < max(5, n / 10):
+        padded, extent = last_axis(m)
+        if padded.sum() < max(10, n / 10):
             continue
-        for lengths, source in candidates:
-            match = int((padded & (extent == lengths)).sum())
-            if match >= 0.75 * padded.sum():
+        for lengths, valid, source in candidates:
+            hit = padded & valid & (extent == lengths)
+            if hit.sum() >= 0.75 * padded.sum() and len(np.unique(extent[hit])) >= 3:
                 raise DataError(
                     f"{where}: {m} has shape [{n}, {steps}, {width}] but looks stored [N, D, L] (time last): "
-                    f"its zero padding runs along the last axis and follows {source} in {match} of "
-                    f"{int(padded.sum())} samples padded there; store it [N, L, D] (np.transpose(x, (0, 2, 1)))")
+                    f"its zero padding runs along the last axis and follows {source} in {int(hit.sum())} "
+                    f"of {int(padded.sum())} samples padded there; store it [N, L, D] (np.transpose(x, (0, 2, 1)))")
 
 
 def infer_lengths(seq: Sequences, side: str) -> np.ndarray:
