@@ -204,5 +204,14 @@ def test_block_that_removes_no_frame_is_said(two_runs, caplog):
         assert [r.getMessage() for r in caplog.records if "block removes no" in r.getMessage()] == [
             "synthetic: block removes no vision frame at level 0.1 (round((n - 2) r) = 0 frames with at most 5 "
             "frames)"]  # round(3 x 0.3) = 1 frame at 0.3
+        caplog.clear()  # a run on the same dataset name where block works does not silence the other
+        trained_short = two_runs / "short_audio"
+        if not trained_short.exists():
+            assert main(["train", "--epochs", "1", "--seeds", "1", "--out", str(trained_short), *SMALL,
+                         "data.synthetic.audio_length=2", "data.synthetic.min_length_fraction=1.0"]) == 0
+        robustness_report({"lf": checkpoints[:1], "short": [trained_short / "seed_1" / "best.pt"]},
+                          protocols=["block"], levels=[0, 1], seeds=[1])
+        assert [r.getMessage() for r in caplog.records if "block removes no" in r.getMessage()] == [
+            "synthetic: block removes no audio frame (at most 2 frames, and block keeps the first and last)"]
     curve = report["runs"]["lf"]["protocols"]["block"]
     assert curve["mean"][1] == curve["mean"][0]

@@ -169,8 +169,8 @@ def robustness_report(
             if split not in data.splits:
                 raise ConfigError(f"--split {split!r}: choose from {sorted(data.splits)}")
             if "block" in protocols and data.info.name not in said_block:
-                said_block.add(data.info.name)
-                _say_empty_blocks(data.info.name, data.splits[split].lengths, levels)
+                if _say_empty_blocks(data.info.name, data.splits[split].lengths, levels):
+                    said_block.add(data.info.name)
             chosen = metric or DEFAULT_METRICS.get(data.info.metric_family, "mae")
             if report.setdefault("metric", chosen) != chosen:
                 raise ConfigError(f"{checkpoint}: its default metric {chosen} differs from the other runs' "
@@ -187,10 +187,10 @@ def robustness_report(
     return report
 
 
-def _say_empty_blocks(name: str, lengths: dict[str, np.ndarray], levels: list[float]) -> None:
+def _say_empty_blocks(name: str, lengths: dict[str, np.ndarray], levels: list[float]) -> bool:
     """Warn where `block` removes no frame of a modality: sequences of at most 2 frames (block
     keeps the first and last) at every level, or levels where round((n - 2) r) = 0 even for the
-    longest sequence."""
+    longest sequence. Returns whether anything was said."""
     longest = {m: int(n.max(initial=0)) for m, n in lengths.items()}
     short = [m for m, n in longest.items() if n <= 2]
     if short:
@@ -198,11 +198,14 @@ def _say_empty_blocks(name: str, lengths: dict[str, np.ndarray], levels: list[fl
                     "last)%s", name, "/".join(short),
                     ": its curve is the clean score for models that do not read the transcripts"
                     if len(short) == len(longest) else "")
+    said = bool(short)
     for m, n in longest.items():
         empty = [f"{r:g}" for r in levels if r > 0 and n > 2 and block_length(n, r) == 0]
         if empty:
+            said = True
             log.warning("%s: block removes no %s frame at level %s (round((n - 2) r) = 0 frames with at "
                         "most %d frames)", name, m, ", ".join(empty), n)
+    return said
 
 
 def _fmt(value: float) -> str:
