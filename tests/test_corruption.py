@@ -218,8 +218,9 @@ def test_batch_corruption_is_keyed_and_random_mode_keeps_half_complete():
 
 
 def test_each_training_seed_epoch_and_step_draws_its_own_corruption():
-    """The stream seed once was the training seed, so seed 2's epoch 1 replayed seed 1's epoch 2;
-    validation's streams are apart from every training batch's."""
+    """The stream seed once was the training seed, so seed 2's epoch 1 replayed seed 1's epoch 2
+    (and seed 0's epoch e, robustness seed e); validation's streams are apart from every training
+    batch's."""
     batch, cfg = make_batch(size=64, steps=20), CorruptionConfig(protocol="drop", rate=0.5, mode="random")
     masks = {}
     for seed in (1, 2, 3):
@@ -229,6 +230,9 @@ def test_each_training_seed_epoch_and_step_draws_its_own_corruption():
                 key = BatchCorruption.training_key(epoch, step)
                 masks[seed, epoch, step] = transform(batch, key).audio_mask
         masks[seed, "valid"] = transform.for_validation()(batch, 0).audio_mask
+    for seed in (0, 1, 2):  # evaluation's streams (msakit robustness), batch 0
+        masks["robustness", seed] = BatchCorruption("drop", 0.5, seed, mode="random")(batch, 0).audio_mask
+    masks[0, 0, 0] = BatchCorruption.from_config(cfg, None, 0)(batch, 0).audio_mask  # training seed 0
     drawn = [m.flatten().tolist() for m in masks.values()]
     assert len({tuple(m) for m in drawn}) == len(drawn)
     again = BatchCorruption.from_config(cfg, None, 2)(batch, BatchCorruption.training_key(1, 1))
@@ -242,8 +246,8 @@ def test_the_training_loop_keys_each_batch_by_epoch_and_step(monkeypatch, tmp_pa
     cfg = build_config({}, ["train.epochs=2", "data.batch_size=32", "train.num_threads=1", "train.progress=false",
                             "train.corruption.protocol=drop", "train.corruption.rate=0.5", "train.corruption.validate=true"])
     fit(cfg, make_data(sizes=(64, 16, 16)), 3, tmp_path / "seed_3")
-    assert [k for s, k in seen if s == 3 * 1_000_003] == [0, 1, 1_000_003, 1_000_004]
-    assert {s for s, _ in seen} == {3 * 1_000_003, 3 * 1_000_003 + 1_000_002}  # the other: validation
+    assert [k for s, k in seen if s == 4 * 1_000_003] == [0, 1, 1_000_003, 1_000_004]
+    assert {s for s, _ in seen} == {4 * 1_000_003, 4 * 1_000_003 + 1_000_002}  # the other: validation
 
 
 def test_corruption_config_is_validated():

@@ -318,12 +318,15 @@ class BatchCorruption:
     def from_config(cls, cfg: CorruptionConfig, train_arrays, seed: int) -> BatchCorruption | None:
         """Training seed `seed`'s corruption of its training batches (None for protocol none),
         called with `training_key(epoch, step)`: every (seed, epoch, step) has a generator of
-        its own (seed < 9 million, epoch < STREAMS - 1). Until 2026-12 the stream seed was the
-        training seed itself, so seed s + 1's epoch e used seed s's epoch e + 1 stream."""
+        its own (seed < 9 million, epoch < STREAMS - 1), none of them one that evaluation
+        (`msakit robustness`: seed r < STREAMS, key = batch number) uses. Until 2026-12 the
+        stream seed was the training seed itself, so seed s + 1's epoch e used seed s's epoch
+        e + 1 stream."""
         if not cfg.active:
             return None
         std = feature_std(train_arrays) if cfg.protocol == "noise" else None
-        return cls(cfg.protocol, cfg.rate, seed * STREAMS, cfg.mode, std, cfg.complete_fraction, cfg.condition)
+        return cls(cfg.protocol, cfg.rate, (seed + 1) * STREAMS, cfg.mode, std, cfg.complete_fraction,
+                   cfg.condition)
 
     @staticmethod
     def training_key(epoch: int, step: int) -> int:
