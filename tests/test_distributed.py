@@ -112,17 +112,18 @@ def test_two_gloo_processes_average_to_the_one_process_gradient(tmp_path):
 def test_torchrun_two_gloo_processes_match_one_process_and_resume(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "MSAKIT_CACHE": str(tmp_path / "cache")}
 
-    def torchrun(*args: str) -> str:
+    def torchrun(*args: str) -> subprocess.CompletedProcess:
         done = subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-             "-m", "msakit", "train", "--out", str(tmp_path / "ddp"), "--quiet", *args, "--set", *SETS],
+             "-m", "msakit", "train", "--out", str(tmp_path / "ddp"), *args, "--set", *SETS],
             env=env, capture_output=True, text=True, timeout=400)
         assert done.returncode == 0, done.stderr[-3000:]
-        return done.stdout
+        return done
 
-    torchrun("--epochs", "2")
-    printed = torchrun("--epochs", "3", "--resume")  # continues from rank 0's last.pt
-    assert printed.count("lf_dnn on synthetic (test split") == 1  # one table: rank 0's
+    torchrun("--epochs", "2", "--quiet")
+    done = torchrun("--epochs", "3", "--resume")  # continues from rank 0's last.pt
+    assert done.stdout.count("lf_dnn on synthetic (test split") == 1  # one table: rank 0's
+    assert done.stderr.count("INFO msakit: model lf_dnn on synthetic") == 1  # one log: rank 0's
     one = run_experiment(build_config({}, [*SETS, "train.epochs=3", "train.progress=false"]), tmp_path / "one")
     ddp = json.loads((tmp_path / "ddp" / "results.json").read_text())
     # the same global batches in the same order (a progress bar's extra DataLoader iterator once

@@ -624,11 +624,15 @@ def main(argv: list[str] | None = None) -> int:
         if e.code in (0, None):  # --help / --version
             raise
         return 2
+    from msakit.train.distributed import main_process
+
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if not main_process():  # torchrun: one log, rank 0's (from the start, not only once training joins)
+        logging.getLogger("msakit").setLevel(logging.WARNING)
     if args.command is None:
         parser.print_help()
         return 2
