@@ -449,8 +449,9 @@ def fit(
         value = valid_metrics.get(metric, math.nan)
         if metric not in valid_metrics:
             raise TrainingError(f"train.select_metric {metric!r} is not a validation metric: {sorted(valid_metrics)}")
-        if is_better(value, best_value, mode):  # the state just validated, before on_epoch_end
-            best_value, best_epoch, bad_epochs = value, epoch + 1, 0  # changes it (PaSE's phase)
+        # the weights just validated are kept, before on_epoch_end changes them (PaSE's phase)
+        if is_better(value, best_value, mode):
+            best_value, best_epoch, bad_epochs = value, epoch + 1, 0
             best_state = None  # freed before the copy: one model's worth less at the peak
             best_state = _state_copy(model)
         else:
