@@ -511,11 +511,19 @@ class ReplayBuffer(nn.Module):
         return held
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for name in self._PENDING:  # sized by the batch they came from: take the saved size
+        """The pending transition is sized by the batch it came from: take the saved size, and
+        the layout `MMCL.fixed` gives it ([P, T, 3, ...] in memory, seen as [P, 3, T, ...]): read
+        back contiguous, the einsum that resamples it rounded differently and a resumed run
+        drifted from an uninterrupted one by ~1e-7 from its first step."""
+        for name in self._PENDING:
             saved = state_dict.get(prefix + name)
             if saved is not None:
                 own = getattr(self, name)
-                setattr(self, name, own.new_empty(saved.shape))
+                if saved.dim() >= 3:
+                    swapped = (saved.shape[0], saved.shape[2], saved.shape[1], *saved.shape[3:])
+                    setattr(self, name, own.new_empty(swapped).transpose(1, 2))
+                else:
+                    setattr(self, name, own.new_empty(saved.shape))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
