@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import pytest
 import torch
@@ -138,32 +136,6 @@ def test_time_last_arrays_are_refused(tmp_path):
     with pytest.raises(DataError, match=r"train: text has shape \[40, 300, 8\] but looks stored \[N, D, L\].*"
                                         r"follows the last-axis padding of audio"):
         read_mult(path)
-
-
-def test_unaligned_sequences_of_one_length_are_not_read_as_words(tmp_path, caplog):
-    """Three modalities padded to one L, each with lengths of its own: read as word-aligned, the
-    text would count the audio's frames as its own. Each gets its own lengths, said in a note."""
-    rng = np.random.default_rng(3)
-    splits, truth = {}, {}
-    for split, n in SIZES.items():
-        splits[split], _ = make_split(n, rng, iemocap=False)
-        truth[split] = {}
-        for m in MODALITIES:
-            truth[split][m] = rng.integers(1, STEPS + 1, size=n)
-            x = rng.normal(size=(n, STEPS, DIMS[m])).astype(np.float32)
-            x[np.arange(STEPS)[None, :] >= truth[split][m][:, None]] = 0.0
-            splits[split][m] = x
-    path = tmp_path / "mosi_data.pkl"
-    write_mult(path, splits)
-    with caplog.at_level(logging.WARNING):
-        data = read_mult(path)
-    for split in SIZES:
-        for m in MODALITIES:
-            np.testing.assert_array_equal(data.splits[split].lengths[m], truth[split][m])
-    assert any("share the length L but not their padding" in note for note in data.notes)
-    assert any("read as unaligned" in r.getMessage() for r in caplog.records)
-    raw, lengths = make_file(path, iemocap=False)  # word-aligned: one length for the three
-    assert not any("unaligned" in note for note in read_mult(path).notes)
 
 
 def test_mixed_label_kinds_rejected(tmp_path):

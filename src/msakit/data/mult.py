@@ -12,8 +12,9 @@ File layout: a dict with "train", "valid", "test", each a dict of arrays (N samp
             first column is the video and the second the clip (start time or number)
 Word-aligned files (`*_data.pkl`) have one length L for the three modalities; unaligned ones
 (`*_data_noalign.pkl`) one per modality (MulT's own pickles: text 50, audio 375/500,
-vision 500), told apart by the shapes; modalities of one length whose padding ends at different
-frames in most samples are read as unaligned too (a warning and a run note say so).
+vision 500), told apart by the shapes (an unaligned file whose three lengths are equal is read
+as word-aligned: a face or voice missing at the first words of word-aligned data looks the same
+as sequences of different lengths, so the data cannot tell them apart).
 
 IEMOCAP files become task "multi_binary" (labels [N, 4] int, 1 = the emotion is present),
 num_classes 2, num_tasks 4, metric_family "iemocap". Regression files become "mosi" with
@@ -49,14 +50,7 @@ from msakit.data.base import (
     validate,
 )
 from msakit.data.mmsa import mmsa_video, sequence_features, to_float_array
-from msakit.data.padding import (
-    Sequences,
-    Units,
-    check_time_axis,
-    normalise_padding,
-    padding_extents,
-    real_frames,
-)
+from msakit.data.padding import Sequences, Units, check_time_axis, normalise_padding, real_frames
 from msakit.data.safe_pickle import load_pickle, save_pickle
 
 if TYPE_CHECKING:
@@ -133,35 +127,6 @@ def _read_split(
     return arrays, units, clips, iemocap
 
 
-def _unaligned_after_all(units: dict[str, Units], path: Path) -> str | None:
-    """Modalities of one length L that do not share their padding are unaligned sequences padded
-    to a common L, not words: their shared unit is split in place into one unit per modality
-    (read as word-aligned, the shortest modality would count the others' frames as its own).
-    Word-aligned modalities end on the same word; a face or voice missing at the first or last
-    word makes a few samples differ, so at least 3 in 4 padded samples (and 5) must differ.
-    Returns the run note, or None when the file is word-aligned or unaligned by shape."""
-    joined = "+".join(MODALITIES)
-    padded = differ = 0
-    for split_units in units.values():
-        if joined not in split_units:
-            return None
-        extents = [padding_extents(real_frames(f)) for f in split_units[joined][1].features]
-        any_padded = np.logical_or.reduce([p for p, _ in extents])
-        lengths = np.stack([e for _, e in extents])  # [3, N]
-        padded += int(any_padded.sum())
-        differ += int((any_padded & (lengths.min(axis=0) != lengths.max(axis=0))).sum())
-    if padded < 5 or differ < 0.75 * padded:
-        return None
-    for split_units in units.values():
-        features = split_units.pop(joined)[1].features
-        for m, f in zip(MODALITIES, features, strict=True):
-            split_units[m] = ((m,), Sequences([f], real_frames(f)))
-    note = (f"{joined} share the length L but not their padding ({differ} of {padded} padded samples end "
-            "at different frames): read as unaligned, each with its own lengths")
-    log.warning("%s: %s", path, note)
-    return note
-
-
 def read_mult(
     path: str | os.PathLike, name: str | None = None, padding: str = "auto"
 ) -> MultimodalData:
@@ -187,8 +152,7 @@ def read_mult(
         kinds.add(iemocap)
     if len(kinds) != 1:
         raise DataError(f"{path}: some splits have IEMOCAP [N, 4, 2] labels and some do not")
-    unaligned = _unaligned_after_all(units, path)
-    notes = [normalise_padding(splits, units, padding, str(path)), *([unaligned] if unaligned else [])]
+    notes = [normalise_padding(splits, units, padding, str(path))]
     notes.append(group_by_video(splits, clips, "MulT ids [video, clip, ...]"))
     iemocap = kinds.pop()
     train = splits["train"]

@@ -40,8 +40,7 @@ log = logging.getLogger(__name__)
 SIDES = ("auto", "start", "end")
 _CHUNK = 1024  # samples per block (bounds the temporary memory on MOSEI-sized arrays)
 
-__all__ = ["SIDES", "Sequences", "Units", "check_time_axis", "infer_lengths", "normalise_padding", "padding_extents",
-           "real_frames"]
+__all__ = ["SIDES", "Sequences", "Units", "check_time_axis", "infer_lengths", "normalise_padding", "real_frames"]
 
 
 def real_frames(*features: np.ndarray) -> np.ndarray:
@@ -115,7 +114,7 @@ def _choose(name: str, counts: tuple[int, int], requested: str, where: str) -> t
     return "end", f"{name} end (assumed: no zero padding seen in the data)"
 
 
-def padding_extents(real: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _extents(real: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """From real frames [N, L]: ([N] bool: padded at one end, [N] int: frames up to the padding)."""
     start, end = sample_sides(real)
     _, first, last = _first_last(real)
@@ -142,11 +141,11 @@ def check_time_axis(features: dict[str, np.ndarray], stored: dict[str, np.ndarra
 
     def last_axis(k: str) -> tuple[np.ndarray, np.ndarray]:  # padded [N], extent [N] on the last axis
         if k not in scanned:
-            scanned[k] = padding_extents(real_frames(np.swapaxes(features[k], 1, 2)))
+            scanned[k] = _extents(real_frames(np.swapaxes(features[k], 1, 2)))
         return scanned[k]
 
     def time_axis(k: str) -> tuple[np.ndarray, np.ndarray]:
-        return padding_extents(rows[k] if k in rows else real_frames(features[k]))
+        return _extents(rows[k] if k in rows else real_frames(features[k]))
 
     for m, x in features.items():
         n, steps, width = x.shape
