@@ -189,6 +189,22 @@ def test_a_run_failing_once_the_model_exists_leaves_no_run(tmp_path, capsys, set
     assert main(["train", "--out", str(out), "--epochs", "1", *SMALL]) == 0
 
 
+def test_the_leftovers_of_a_run_killed_before_its_first_epoch_do_not_block_a_new_run(tmp_path, capsys):
+    """torchrun ends rank 0 with SIGTERM when another rank fails, and a time limit or the OOM
+    killer ends a run anywhere: the folder then holds a config.yaml and seed folders without
+    a last.pt, which hold nothing to lose."""
+    out = tmp_path / "run"
+    (out / "seed_1").mkdir(parents=True)
+    (out / "seed_1" / "events.out.tfevents.1").write_text("x")
+    (out / "config.yaml").write_text("model: {name: tfn}\n")
+    assert main(["train", "--out", str(out), "--epochs", "1", *SMALL]) == 0
+    assert not (out / "seed_1" / "events.out.tfevents.1").exists()
+    assert json.loads((out / "results.json").read_text())["model"] == "lf_dnn"
+    (out / "results.json").unlink()  # a trained seed (its last.pt) still holds a run
+    assert main(["train", "--out", str(out), "--epochs", "1", *SMALL]) == 2
+    assert "already holds a run" in last_error(capsys)
+
+
 def test_a_failing_second_seed_keeps_the_first_resumable(tmp_path, capsys, monkeypatch):
     import msakit.train.experiment as experiment
 

@@ -492,7 +492,7 @@ def fit(
         raise TrainingError(
             f"seed {seed}: validation {metric} was undefined (NaN) at every epoch, so no checkpoint "
             "can be selected (corr needs non-constant predictions and labels, non0_* a non-zero "
-            "label); choose another train.select_metric, e.g. loss or mae")
+            "label); choose another train.select_metric, e.g. loss or mae, and train again with --overwrite")
     model.load_state_dict(best_state)
     if ctx.main:
         save_checkpoint(checkpoint_state(cfg, info, seed, model=best_state, best_epoch=best_epoch,

@@ -252,7 +252,7 @@ class RunFolder:
             differences = config_differences(saved, cfg.to_dict())
             if differences:
                 raise _contradiction(self.path / "config.yaml", differences)
-        elif holds_run(self.path) and not overwrite:
+        elif holds_run(self.path) and not overwrite and not self._untrained():
             try:
                 tree = resume_tree(self.path)
                 what = f" ({tree['model']['name']} on {tree['data']['name']})"
@@ -268,22 +268,33 @@ class RunFolder:
             if last.is_file():
                 check_checkpoint(load_checkpoint(last), last, cfg, seed, fingerprint)
 
+    def _seeds(self) -> list[Path]:
+        return [p for p in self.path.iterdir() if p.is_dir() and _SEED_DIR.fullmatch(p.name)]
+
+    def _untrained(self) -> bool:
+        """The folder holds at most what a run writes before its first epoch is saved
+        (config.yaml, seed folders without a last.pt; no results.json): nothing to lose."""
+        return not (self.path / "results.json").exists() and not any(
+            (p / "last.pt").exists() for p in self._seeds())
+
     def abandon(self) -> None:
-        """A new run that failed before any epoch was saved (a setting found wrong only once the
-        data and model exist): remove what it wrote, config.yaml and its seed folders, so the
-        folder holds no run and the corrected command can use it. A seed with a last.pt keeps
-        everything (the run resumes)."""
-        seeds = [p for p in self.path.iterdir() if p.is_dir() and _SEED_DIR.fullmatch(p.name)]
-        if any((p / "last.pt").exists() for p in seeds):
+        """Remove the leftovers of a run that saved no epoch (config.yaml and its seed folders):
+        a new run that failed on a setting found wrong only once the data and model exist, or
+        one killed before its first epoch (a torchrun rank failing, a time limit). The corrected
+        command can then use the folder. A folder with a trained seed is left as it is."""
+        if not self._untrained():
             return
         (self.path / "config.yaml").unlink(missing_ok=True)
-        for path in seeds:
+        for path in self._seeds():
             shutil.rmtree(path)
 
     # -- writing starts here --
 
-    def start(self, overwrite: bool) -> None:
-        """Remove stale temp files of interrupted writes (and, with overwrite, the old run)."""
+    def start(self, overwrite: bool, resume: bool = False) -> None:
+        """Remove stale temp files of interrupted writes (and, with overwrite, the old run; for
+        a new run, the leftovers of one that saved no epoch)."""
+        if not resume:
+            self.abandon()
         stale = [p for p in self.path.rglob(".*.tmp") if p.is_file()]
         for path in stale:
             path.unlink()
