@@ -151,8 +151,12 @@ def test_a_csv_is_said_to_be_text_not_a_refused_global(tmp_path):
     named 'refused to unpickle d,text,label...' as if the file were a hostile pickle."""
     path = tmp_path / "labels.csv"
     path.write_text("id,text,label,mode\n03bSnISJMiM_1,anyhow it was really good,2.4,train\n")
-    with pytest.raises(DataError, match=r"labels.csv: not a pickle: its first bytes read as text \(a CSV"):
+    with pytest.raises(DataError, match=r"labels.csv: not a pickle: it starts as text \(a CSV"):
         load_pickle(path)
+    for head in ("video_id,clip_id,text,label\n", '"id","label"\n', "index\ttext\tlabel\n"):  # other opcodes
+        path.write_text(head + "a,1,hello,0.5\n")
+        with pytest.raises(DataError, match=r"labels.csv: not a pickle: it starts as text \(a CSV"):
+            load_pickle(path)
 
 
 def test_numpy1_module_names_accepted():

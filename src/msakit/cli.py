@@ -631,7 +631,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    if not main_process():  # torchrun: one log, rank 0's (from the start, not only once training joins)
+    if not main_process() and not args.verbose:  # torchrun: one log, rank 0's, from the start (-v: all)
         logging.getLogger("msakit").setLevel(logging.WARNING)
     if args.command is None:
         parser.print_help()

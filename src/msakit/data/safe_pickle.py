@@ -266,7 +266,7 @@ class _RestrictedUnpickler(pickle._Unpickler):  # noqa: SLF001 (the pure-Python 
         if key in self.globals:
             return self.globals[key]
         if not all(part.isidentifier() for part in f"{module}.{name}".split(".")):
-            raise _Refused("not a pickle: its first bytes read as text (a CSV or other text file?)")
+            raise _Refused("not a pickle: it starts as text (a CSV or other text file?)")
         raise _Refused(
             f"refused to unpickle {module}.{name}: only numpy arrays and plain containers are allowed"
         )
@@ -541,8 +541,20 @@ def _load(stream: io.BufferedIOBase, size: int, where: str, max_bytes: int | Non
     except RecursionError:
         raise DataError(f"{where}: not a readable pickle (nested too deeply)") from None
     except Exception as e:  # EOFError, UnpicklingError, ValueError, TypeError, ... on bad bytes
+        if _starts_as_text(stream):
+            raise DataError(f"{where}: not a pickle: it starts as text (a CSV or other text file?)") from None
         detail = str(e).splitlines()[0][:200] if str(e).strip() else ""
         raise DataError(f"{where}: not a readable pickle ({type(e).__name__}: {detail})") from None
+
+
+def _starts_as_text(stream: io.BufferedIOBase) -> bool:
+    """The first bytes are printable UTF-8 text with a line break (a CSV, a TSV, a YAML file)."""
+    try:
+        stream.seek(0)
+        head = stream.read(512).decode("utf-8")
+    except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
+        return False
+    return "\n" in head and all(c.isprintable() or c in "\t\r\n" for c in head)
 
 
 def load_pickle(path: str | os.PathLike, max_bytes: int | None = None) -> object:

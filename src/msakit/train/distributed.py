@@ -89,7 +89,8 @@ def setup(device: torch.device) -> tuple[Context, torch.device]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         atexit.register(_leave)
-        if dist.get_rank() > 0:  # one log, one table: rank 0 speaks
+        quiet = logging.getLogger("msakit").getEffectiveLevel() > logging.DEBUG  # -v: every rank speaks
+        if dist.get_rank() > 0 and quiet:  # one log, one table: rank 0 speaks
             logging.getLogger("msakit").setLevel(logging.WARNING)
     return current(), device
 
