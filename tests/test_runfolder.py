@@ -200,9 +200,12 @@ def test_the_leftovers_of_a_run_killed_before_its_first_epoch_do_not_block_a_new
     assert main(["train", "--out", str(out), "--epochs", "1", *SMALL]) == 0
     assert not (out / "seed_1" / "events.out.tfevents.1").exists()
     assert json.loads((out / "results.json").read_text())["model"] == "lf_dnn"
-    (out / "results.json").unlink()  # a trained seed (its last.pt) still holds a run
+    (out / "results.json").unlink()  # a trained seed still holds a run, even with only its log
+    for name in ("last.pt", "best.pt", "metrics.json"):  # (a tune trial keeps its log, not its checkpoints)
+        (out / "seed_1" / name).unlink()
     assert main(["train", "--out", str(out), "--epochs", "1", *SMALL]) == 2
     assert "already holds a run" in last_error(capsys)
+    assert (out / "seed_1" / "log.jsonl").is_file()
 
 
 def test_a_failing_second_seed_keeps_the_first_resumable(tmp_path, capsys, monkeypatch):

@@ -176,6 +176,9 @@ def resume_tree(out_dir: str | Path) -> dict:
     return tree
 
 
+_EPOCH_FILES = ("last.pt", "best.pt", "log.jsonl", "metrics.json")  # a seed that trained an epoch
+
+
 class RunFolder:
     """`with RunFolder(out) as folder:` creates and locks `out`; on leaving, unlocks, and removes
     the folder again if this run created it and wrote nothing into it."""
@@ -273,9 +276,10 @@ class RunFolder:
 
     def _untrained(self) -> bool:
         """The folder holds at most what a run writes before its first epoch is saved
-        (config.yaml, seed folders without a last.pt; no results.json): nothing to lose."""
+        (config.yaml, seed folders without a checkpoint, log or metrics; no results.json):
+        nothing to lose. A tune trial's folder keeps its log.jsonl (not its checkpoints)."""
         return not (self.path / "results.json").exists() and not any(
-            (p / "last.pt").exists() for p in self._seeds())
+            (p / name).exists() for p in self._seeds() for name in _EPOCH_FILES)
 
     def abandon(self) -> None:
         """Remove the leftovers of a run that saved no epoch (config.yaml and its seed folders):
