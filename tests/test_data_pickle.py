@@ -153,10 +153,18 @@ def test_a_csv_is_said_to_be_text_not_a_refused_global(tmp_path):
     path.write_text("id,text,label,mode\n03bSnISJMiM_1,anyhow it was really good,2.4,train\n")
     with pytest.raises(DataError, match=r"labels.csv: not a pickle: it starts as text \(a CSV"):
         load_pickle(path)
-    for head in ("video_id,clip_id,text,label\n", '"id","label"\n', "index\ttext\tlabel\n"):  # other opcodes
+    for head in ("video_id,clip_id,text,label\n", '"id","label"\n', "index\ttext\tlabel\n",
+                 "\ufeffvideo,label\n", "v,l"):  # other first letters, a byte-order mark, one line
         path.write_text(head + "a,1,hello,0.5\n")
         with pytest.raises(DataError, match=r"labels.csv: not a pickle: it starts as text \(a CSV"):
             load_pickle(path)
+    protocol0 = pickle.dumps({"x": [1.5, 2.5], "y": "a, b", "z": np.zeros(2)}, protocol=0)
+    cuts = (5, len(protocol0) // 2, protocol0.index(b"cnumpy") + 7, len(protocol0) - 2)
+    for cut in cuts:  # a damaged pickle is not called text (one cut inside a class name)
+        path.write_bytes(protocol0[:cut])
+        with pytest.raises(DataError, match=r"labels.csv: (not a readable pickle \(|refused to unpickle)") as err:
+            load_pickle(path)
+        assert "starts as text" not in str(err.value)
 
 
 def test_numpy1_module_names_accepted():

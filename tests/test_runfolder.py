@@ -189,23 +189,17 @@ def test_a_run_failing_once_the_model_exists_leaves_no_run(tmp_path, capsys, set
     assert main(["train", "--out", str(out), "--epochs", "1", *SMALL]) == 0
 
 
-def test_the_leftovers_of_a_run_killed_before_its_first_epoch_do_not_block_a_new_run(tmp_path, capsys):
-    """torchrun ends rank 0 with SIGTERM when another rank fails, and a time limit or the OOM
-    killer ends a run anywhere: the folder then holds a config.yaml and seed folders without
-    a last.pt, which hold nothing to lose."""
-    out = tmp_path / "run"
+def test_a_folder_with_a_config_and_seed_folders_not_written_by_this_run_is_never_emptied(tmp_path, capsys):
+    """A hand-written config.yaml in --out, notes in a seed folder: refused, nothing removed, even
+    when the run would fail before its first epoch (helper-35 saw a takeover delete both)."""
+    out = tmp_path / "exp"
     (out / "seed_1").mkdir(parents=True)
-    (out / "seed_1" / "events.out.tfevents.1").write_text("x")
-    (out / "config.yaml").write_text("model: {name: tfn}\n")
-    assert main(["train", "--out", str(out), "--epochs", "1", *SMALL]) == 0
-    assert not (out / "seed_1" / "events.out.tfevents.1").exists()
-    assert json.loads((out / "results.json").read_text())["model"] == "lf_dnn"
-    (out / "results.json").unlink()  # a trained seed still holds a run, even with only its log
-    for name in ("last.pt", "best.pt", "metrics.json"):  # (a tune trial keeps its log, not its checkpoints)
-        (out / "seed_1" / name).unlink()
-    assert main(["train", "--out", str(out), "--epochs", "1", *SMALL]) == 2
+    (out / "seed_1" / "notes.txt").write_text("mine")
+    (out / "config.yaml").write_text("# my settings\nmodel: {name: lf_dnn}\n")
+    assert main(["train", "--config", str(out / "config.yaml"), "--out", str(out), "--epochs", "1", *SMALL,
+                 "train.select_metric=acc"]) == 2
     assert "already holds a run" in last_error(capsys)
-    assert (out / "seed_1" / "log.jsonl").is_file()
+    assert (out / "config.yaml").read_text().startswith("# my settings") and (out / "seed_1" / "notes.txt").exists()
 
 
 def test_a_failing_second_seed_keeps_the_first_resumable(tmp_path, capsys, monkeypatch):

@@ -265,7 +265,7 @@ class _RestrictedUnpickler(pickle._Unpickler):  # noqa: SLF001 (the pure-Python 
         key = ("builtins" if module == "__builtin__" else module, name)
         if key in self.globals:
             return self.globals[key]
-        if not all(part.isidentifier() for part in f"{module}.{name}".split(".")):
+        if any(c in f"{module}{name}" for c in ",\t\"; "):  # a CSV row read as a class name
             raise _Refused("not a pickle: it starts as text (a CSV or other text file?)")
         raise _Refused(
             f"refused to unpickle {module}.{name}: only numpy arrays and plain containers are allowed"
@@ -548,13 +548,17 @@ def _load(stream: io.BufferedIOBase, size: int, where: str, max_bytes: int | Non
 
 
 def _starts_as_text(stream: io.BufferedIOBase) -> bool:
-    """The first bytes are printable UTF-8 text with a line break (a CSV, a TSV, a YAML file)."""
+    """The first line is printable UTF-8 text with a comma or a tab: a CSV or TSV header (a
+    byte-order mark and a character cut at the 512th byte allowed). A protocol-0 pickle is text
+    too, but its first line is an opcode line without either, so a damaged one is not called
+    text."""
     try:
         stream.seek(0)
-        head = stream.read(512).decode("utf-8")
-    except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
+        head = stream.read(512).decode("utf-8", errors="ignore").removeprefix("\ufeff")
+    except (OSError, ValueError):
         return False
-    return "\n" in head and all(c.isprintable() or c in "\t\r\n" for c in head)
+    first = head.splitlines()[0] if head.strip() else ""
+    return ("," in first or "\t" in first) and all(c.isprintable() or c == "\t" for c in first)
 
 
 def load_pickle(path: str | os.PathLike, max_bytes: int | None = None) -> object:

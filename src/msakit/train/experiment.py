@@ -73,7 +73,7 @@ def run_experiment(
         if main:
             if resume:
                 folder.check_resume(cfg, fingerprint)
-            folder.start(overwrite, resume)
+            folder.start(overwrite)
         if cfg.train.num_threads:
             torch.set_num_threads(cfg.train.num_threads)
         if main:

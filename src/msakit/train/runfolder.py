@@ -255,7 +255,7 @@ class RunFolder:
             differences = config_differences(saved, cfg.to_dict())
             if differences:
                 raise _contradiction(self.path / "config.yaml", differences)
-        elif holds_run(self.path) and not overwrite and not self._untrained():
+        elif holds_run(self.path) and not overwrite:
             try:
                 tree = resume_tree(self.path)
                 what = f" ({tree['model']['name']} on {tree['data']['name']})"
@@ -275,30 +275,27 @@ class RunFolder:
         return [p for p in self.path.iterdir() if p.is_dir() and _SEED_DIR.fullmatch(p.name)]
 
     def _untrained(self) -> bool:
-        """The folder holds at most what a run writes before its first epoch is saved
-        (config.yaml, seed folders without a checkpoint, log or metrics; no results.json):
-        nothing to lose. A tune trial's folder keeps its log.jsonl (not its checkpoints)."""
+        """No seed folder holds a checkpoint, log or metrics, and there is no results.json."""
         return not (self.path / "results.json").exists() and not any(
             (p / name).exists() for p in self._seeds() for name in _EPOCH_FILES)
 
     def abandon(self) -> None:
-        """Remove the leftovers of a run that saved no epoch (config.yaml and its seed folders):
-        a new run that failed on a setting found wrong only once the data and model exist, or
-        one killed before its first epoch (a torchrun rank failing, a time limit). The corrected
-        command can then use the folder. A folder with a trained seed is left as it is."""
+        """A new run that failed before any epoch was saved (a setting found wrong only once the
+        data and model exist): remove what it wrote, its seed folders and config.yaml, so the
+        corrected command can use the folder. Only called after `check` found no run there (or
+        `start` removed it with overwrite), so everything removed is this run's; a folder with a
+        trained seed is left as it is."""
         if not self._untrained():
             return
-        (self.path / "config.yaml").unlink(missing_ok=True)
         for path in self._seeds():
             shutil.rmtree(path)
+        (self.path / "config.yaml").unlink(missing_ok=True)
+        log.info("%s: removed the config.yaml and seed folders of this run, which saved no epoch", self.path)
 
     # -- writing starts here --
 
-    def start(self, overwrite: bool, resume: bool = False) -> None:
-        """Remove stale temp files of interrupted writes (and, with overwrite, the old run; for
-        a new run, the leftovers of one that saved no epoch)."""
-        if not resume:
-            self.abandon()
+    def start(self, overwrite: bool) -> None:
+        """Remove stale temp files of interrupted writes (and, with overwrite, the old run)."""
         stale = [p for p in self.path.rglob(".*.tmp") if p.is_file()]
         for path in stale:
             path.unlink()
