@@ -253,8 +253,11 @@ def test_stale_temporary_files_are_removed_at_the_next_start(two_seed_run, tmp_p
         path.write_bytes(b"half a write")
     keep = out / "seed_1" / "notes.tmp"  # not an atomic-write temp name
     keep.write_text("mine")
+    other = out / "trials" / "trial_0000" / "seed_1" / ".last.pt.live.tmp"  # another run's, maybe live
+    other.parent.mkdir(parents=True)
+    other.write_bytes(b"being written")
     assert main(["train", "--out", str(out), "--resume"]) == 0
-    assert not any(p.exists() for p in stale) and keep.exists()
+    assert not any(p.exists() for p in stale) and keep.exists() and other.exists()
 
 
 def test_a_second_run_into_a_locked_folder_is_refused(tmp_path, capsys):

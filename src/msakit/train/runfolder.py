@@ -295,8 +295,11 @@ class RunFolder:
     # -- writing starts here --
 
     def start(self, overwrite: bool) -> None:
-        """Remove stale temp files of interrupted writes (and, with overwrite, the old run)."""
-        stale = [p for p in self.path.rglob(".*.tmp") if p.is_file()]
+        """Remove stale temp files of interrupted writes, the run's own only: beside its files
+        and in its seed folders, not in other folders under it (a tune study's live trials); and,
+        with overwrite, the old run."""
+        places = [self.path.glob(".*.tmp"), *(seed.rglob(".*.tmp") for seed in self._seeds())]
+        stale = [p for found in places for p in found if p.is_file()]
         for path in stale:
             path.unlink()
         if stale:
