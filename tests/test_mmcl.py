@@ -306,6 +306,20 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypat
         torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=0)
 
 
+def test_a_pending_transition_of_another_size_is_refused_not_adopted():
+    """The pending transition takes the saved batch size; any other dimension must match."""
+    buffer = ReplayBuffer(8, 3, 4, 5)
+    saved = buffer.state_dict()
+    saved["pending_state"] = torch.zeros(2, 3, 4, 5)
+    saved["pending_action"] = torch.zeros(2, 3, 4)
+    saved["pending_reward"] = torch.zeros(2)
+    buffer.load_state_dict(saved)
+    assert buffer.pending_state.shape == (2, 3, 4, 5) and buffer.pending_state.stride() == (60, 5, 15, 1)
+    saved["pending_state"] = torch.zeros(2, 3, 4, 7)  # a checkpoint of another feature size
+    with pytest.raises(RuntimeError, match="size mismatch for pending_state"):
+        ReplayBuffer(8, 3, 4, 5).load_state_dict(saved)
+
+
 def iemocap_pickle(path: Path, sizes=(24, 8, 8), steps=6) -> Path:
     rng = np.random.default_rng(0)
     dims = {"text": 12, "audio": 7, "vision": 5}

@@ -517,8 +517,8 @@ class ReplayBuffer(nn.Module):
         drifted from an uninterrupted one by ~1e-7 from its first step."""
         for name in self._PENDING:
             saved = state_dict.get(prefix + name)
-            if saved is not None:
-                own = getattr(self, name)
+            own = getattr(self, name)
+            if saved is not None and saved.shape[1:] == own.shape[1:]:  # else torch names the mismatch
                 if saved.dim() >= 3:
                     swapped = (saved.shape[0], saved.shape[2], saved.shape[1], *saved.shape[3:])
                     setattr(self, name, own.new_empty(swapped).transpose(1, 2))
