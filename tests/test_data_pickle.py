@@ -154,10 +154,13 @@ def test_a_csv_is_said_to_be_text_not_a_refused_global(tmp_path):
     with pytest.raises(DataError, match=r"labels.csv: not a pickle: it starts as text \(a CSV"):
         load_pickle(path)
     for head in ("video_id,clip_id,text,label\n", '"id","label"\n', "index\ttext\tlabel\n",
-                 "\ufeffvideo,label\n", "v,l"):  # other first letters, a byte-order mark, one line
+                 "\ufeffvideo,label\n", "v,l", "name;label\n"):  # other first letters, a BOM, one line, ;
         path.write_text(head + "a,1,hello,0.5\n")
         with pytest.raises(DataError, match=r"labels.csv: not a pickle: it starts as text \(a CSV"):
             load_pickle(path)
+    path.write_bytes(b"cos\nsystem now\n(S'ls'\ntR.")  # hostile, with a space: named, not called text
+    with pytest.raises(DataError, match="refused to unpickle os.system now"):
+        load_pickle(path)
     protocol0 = pickle.dumps({"x": [1.5, 2.5], "y": "a, b", "z": np.zeros(2)}, protocol=0)
     cuts = (5, len(protocol0) // 2, protocol0.index(b"cnumpy") + 7, len(protocol0) - 2)
     for cut in cuts:  # a damaged pickle is not called text (one cut inside a class name)

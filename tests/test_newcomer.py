@@ -54,7 +54,7 @@ def test_help_examples_parse_and_the_synthetic_ones_run(tmp_path, monkeypatch, c
         parser.parse_args(argv)  # SystemExit (status 2) on a flag that does not exist
     for name, argv in help_examples():
         if "--data-root" in argv or name in ("extract", "predict"):
-            continue  # real data or raw media: parsed above, run by the README test when the data is there
+            continue  # real data (run by the README test when it is there) or raw media: parsed above only
         if name == "personality fit":
             pytest.importorskip("transformers")
         extra = (["--set", *TINY] if name == "train" and "--resume" not in argv else [])

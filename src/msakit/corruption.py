@@ -299,12 +299,12 @@ class CorruptionConfig:
         return self.protocol != "none"
 
 
-STREAMS = 1_000_003  # keys are below this: the generator of (seed, key) is seeded seed * STREAMS + key
+STREAMS = 1_000_003  # batch numbers and steps are below this; the generator of (seed, key): seed * STREAMS + key
 
 
 class BatchCorruption:
-    """A seeded batch transform: `transform(batch, key) -> Batch`, key an int below `STREAMS`
-    (the batch's number in an evaluation pass, or `training_key(epoch, step)`); each key gets its
+    """A seeded batch transform: `transform(batch, key) -> Batch`, key an int (the batch's number
+    in an evaluation pass, below `STREAMS`, or `training_key(epoch, step)`); each key gets its
     own generator seeded from (seed, key), so the result does not depend on what ran before
     (resume-safe)."""
 

@@ -133,8 +133,11 @@ def format_prediction(result: dict) -> str:
     lines.append(f"  transcript ({result['transcript_source']}): {result['transcript'] or '(none)'}")
     for m, reason in result["modalities_masked"].items():
         lines.append(f"  {m} masked: {reason}")
-    shares = ", ".join(f"{m} {round(v, 3) + 0.0:+.3f}" for m, v in result["shapley"].items())  # no "-0.000"
-    lines.append(f"  Shapley contribution to the {result['utility']} (sum {result['u_all_minus_u_none']:+.3f} "
+    def signed(value: float) -> str:
+        return f"{round(value, 3) + 0.0:+.3f}"  # + 0.0: no "-0.000"
+
+    shares = ", ".join(f"{m} {signed(v)}" for m, v in result["shapley"].items())
+    lines.append(f"  Shapley contribution to the {result['utility']} (sum {signed(result['u_all_minus_u_none'])} "
                  f"= all modalities - none): {shares}")
     stages = ", ".join(f"{k} {v:.2f}" for k, v in result["extract_cpu_s"].items())
     lines.append(f"  extraction {result['extract_s']:.2f} s for {result['duration_s']:.2f} s of media (CPU s: {stages})")

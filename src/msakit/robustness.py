@@ -155,7 +155,7 @@ def robustness_report(
     levels = _check_levels(levels)
     datasets: dict[str, tuple] = {}  # data section -> (data, fingerprint)
     report: dict = {"split": split, "seeds": list(seeds), "levels": levels, "runs": {}}
-    said_block: set[str] = set()  # datasets whose frames block leaves alone were named (once each)
+    said_block: set[tuple[str, str]] = set()  # (dataset, longest sequences) checked for block, once each
     for label, checkpoints in runs.items():
         raw = []
         for checkpoint in checkpoints:
@@ -168,9 +168,10 @@ def robustness_report(
             check_data(checkpoint, model, saved, data, fingerprint)
             if split not in data.splits:
                 raise ConfigError(f"--split {split!r}: choose from {sorted(data.splits)}")
-            if "block" in protocols and data.info.name not in said_block:
-                if _say_empty_blocks(data.info.name, data.splits[split].lengths, levels):
-                    said_block.add(data.info.name)
+            longest = {m: int(n.max(initial=0)) for m, n in data.splits[split].lengths.items()}
+            if "block" in protocols and (data.info.name, str(longest)) not in said_block:
+                said_block.add((data.info.name, str(longest)))
+                _say_empty_blocks(data.info.name, longest, levels)
             chosen = metric or DEFAULT_METRICS.get(data.info.metric_family, "mae")
             if report.setdefault("metric", chosen) != chosen:
                 raise ConfigError(f"{checkpoint}: its default metric {chosen} differs from the other runs' "
@@ -187,25 +188,21 @@ def robustness_report(
     return report
 
 
-def _say_empty_blocks(name: str, lengths: dict[str, np.ndarray], levels: list[float]) -> bool:
-    """Warn where `block` removes no frame of a modality: sequences of at most 2 frames (block
-    keeps the first and last) at every level, or levels where round((n - 2) r) = 0 even for the
-    longest sequence. Returns whether anything was said."""
-    longest = {m: int(n.max(initial=0)) for m, n in lengths.items()}
+def _say_empty_blocks(name: str, longest: dict[str, int], levels: list[float]) -> None:
+    """Warn where `block` removes no frame of a modality (`longest`: its longest sequence, in
+    frames): sequences of at most 2 frames (block keeps the first and last) at every level, or
+    levels where round((n - 2) r) = 0 even for the longest sequence."""
     short = [m for m, n in longest.items() if n <= 2]
     if short:
         log.warning("%s: block removes no %s frame (at most 2 frames, and block keeps the first and "
                     "last)%s", name, "/".join(short),
                     ": its curve is the clean score for models that do not read the transcripts"
                     if len(short) == len(longest) else "")
-    said = bool(short)
     for m, n in longest.items():
         empty = [f"{r:g}" for r in levels if r > 0 and n > 2 and block_length(n, r) == 0]
         if empty:
-            said = True
             log.warning("%s: block removes no %s frame at level %s (round((n - 2) r) = 0 frames with at "
                         "most %d frames)", name, m, ", ".join(empty), n)
-    return said
 
 
 def _fmt(value: float) -> str:

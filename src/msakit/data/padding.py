@@ -131,7 +131,7 @@ def check_time_axis(features: dict[str, np.ndarray], stored: dict[str, np.ndarra
     - the lengths of another modality whose time axis has B frames (word-aligned data);
     - the last-axis padding of another modality that also has B on its last axis (every
       modality of a word-aligned file transposed).
-    At least 3 in 4 of the samples padded along the last axis (and 10, and 1 in 10 of all) must
+    At least max(10, N / 10) samples must be padded along the last axis, and 3 in 4 of them
     match, with 3 or more different lengths among them: a feature that is zero over a whole clip
     does not follow the clip lengths, so files laid out right are not refused. Not detected: a
     modality transposed alone with no lengths to compare (unaligned, no stored lengths).

@@ -67,6 +67,9 @@ _BIG = 2**20  # payloads of this size are read into a bytearray (zero-copy array
 _OBJECT_FLAGS = 0x01 | 0x04  # NPY_ITEM_REFCOUNT | NPY_ITEM_IS_POINTER
 
 
+_TEXT_SEPARATORS = ",;\t"  # in a CSV / TSV header, never in a pickle's opcode line or class name
+
+
 class _Refused(Exception):
     """Raised inside the unpickler; becomes a DataError naming the file."""
 
@@ -265,7 +268,7 @@ class _RestrictedUnpickler(pickle._Unpickler):  # noqa: SLF001 (the pure-Python 
         key = ("builtins" if module == "__builtin__" else module, name)
         if key in self.globals:
             return self.globals[key]
-        if any(c in f"{module}{name}" for c in ",\t\"; "):  # a CSV row read as a class name
+        if any(c in f"{module}{name}" for c in _TEXT_SEPARATORS):  # a CSV row read as a class name
             raise _Refused("not a pickle: it starts as text (a CSV or other text file?)")
         raise _Refused(
             f"refused to unpickle {module}.{name}: only numpy arrays and plain containers are allowed"
@@ -548,17 +551,17 @@ def _load(stream: io.BufferedIOBase, size: int, where: str, max_bytes: int | Non
 
 
 def _starts_as_text(stream: io.BufferedIOBase) -> bool:
-    """The first line is printable UTF-8 text with a comma or a tab: a CSV or TSV header (a
-    byte-order mark and a character cut at the 512th byte allowed). A protocol-0 pickle is text
-    too, but its first line is an opcode line without either, so a damaged one is not called
-    text."""
+    """The first line is printable UTF-8 text with a comma, semicolon or tab: a CSV or TSV
+    header (a byte-order mark and a character cut at the 512th byte allowed). A protocol-0
+    pickle is text too, but its first line is an opcode line without any of them, so a damaged
+    one is not called text; `find_class` applies the same separators to a class name."""
     try:
         stream.seek(0)
         head = stream.read(512).decode("utf-8", errors="ignore").removeprefix("\ufeff")
     except (OSError, ValueError):
         return False
     first = head.splitlines()[0] if head.strip() else ""
-    return ("," in first or "\t" in first) and all(c.isprintable() or c == "\t" for c in first)
+    return any(c in first for c in _TEXT_SEPARATORS) and all(c.isprintable() or c == "\t" for c in first)
 
 
 def load_pickle(path: str | os.PathLike, max_bytes: int | None = None) -> object:

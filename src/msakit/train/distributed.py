@@ -89,6 +89,7 @@ def setup(device: torch.device) -> tuple[Context, torch.device]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         atexit.register(_leave)
+        # the CLI quiets ranks > 0 from its start; this is for callers of the Python API
         quiet = logging.getLogger("msakit").getEffectiveLevel() > logging.DEBUG  # -v: every rank speaks
         if dist.get_rank() > 0 and quiet:  # one log, one table: rank 0 speaks
             logging.getLogger("msakit").setLevel(logging.WARNING)

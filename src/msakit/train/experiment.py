@@ -32,8 +32,9 @@ log = logging.getLogger(__name__)
 
 
 def absolute_data_paths(cfg: ExperimentConfig) -> ExperimentConfig:
-    """`data.data_root` / `data.data_path` made absolute and normalised ("a/../b" -> "b";
-    symlinks kept), so that the run folder's config and checkpoints work from any directory."""
+    """`data.data_root` / `data.data_path` made absolute and normalised ("a/../b" -> "b", by
+    text: symlinks are not resolved, so "link/../b" becomes "b"), so that the run folder's config
+    and checkpoints work from any directory."""
     paths = {k: os.path.abspath(os.path.expanduser(v)) for k in ("data_root", "data_path")
              if (v := getattr(cfg.data, k))}
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **paths)) if paths else cfg

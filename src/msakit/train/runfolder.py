@@ -12,7 +12,8 @@ Rules, in the order `run_experiment` applies them:
   `RESUME_MAY_CHANGE` (more epochs, another device or thread count, the data's location: the data
   itself is checked by its fingerprint); each seed's `last.pt` must be of that seed, of the same
   data (fingerprint) and not past `train.epochs`;
-- temporary files of interrupted atomic writes (`.NAME.XXXX.tmp`) are removed at the next start.
+- temporary files of interrupted atomic writes (`.NAME.XXXX.tmp`) beside the run's files and in
+  its seed folders are removed at the next start.
 """
 
 from __future__ import annotations
