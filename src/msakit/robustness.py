@@ -168,10 +168,11 @@ def robustness_report(
             check_data(checkpoint, model, saved, data, fingerprint)
             if split not in data.splits:
                 raise ConfigError(f"--split {split!r}: choose from {sorted(data.splits)}")
-            longest = {m: int(n.max(initial=0)) for m, n in data.splits[split].lengths.items()}
-            if "block" in protocols and (data.info.name, str(longest)) not in said_block:
-                said_block.add((data.info.name, str(longest)))
-                _say_empty_blocks(data.info.name, longest, levels)
+            if "block" in protocols:
+                longest = {m: int(n.max(initial=0)) for m, n in data.splits[split].lengths.items()}
+                if (data.info.name, str(longest)) not in said_block:
+                    said_block.add((data.info.name, str(longest)))
+                    _say_empty_blocks(data.info.name, longest, levels)
             chosen = metric or DEFAULT_METRICS.get(data.info.metric_family, "mae")
             if report.setdefault("metric", chosen) != chosen:
                 raise ConfigError(f"{checkpoint}: its default metric {chosen} differs from the other runs' "

@@ -48,13 +48,7 @@ from typing import Any
 import torch
 import yaml
 
-from msakit.config import (
-    ConfigError,
-    ExperimentConfig,
-    build_config,
-    load_yaml,
-    read_yaml,
-)
+from msakit.config import ConfigError, ExperimentConfig, build_config, load_yaml, read_yaml
 from msakit.data import MultimodalData, load_dataset
 from msakit.registry import get_model_entry
 from msakit.train import loop as train_loop

@@ -189,10 +189,9 @@ def _read_split(raw: Any, path: Path, split: str, task: str) -> _Split:
         labels = labels.astype(np.int64)
 
     features = sequence_features(raw, f"{path}: {split}", n, f"{split}.{label_key}")
-    stored_lengths = {}
-    for m in ("audio", "vision"):
-        if f"{m}_lengths" in raw:
-            key = f"{m}_lengths"
+    stored_lengths = {}  # audio/vision_lengths as stored, [N], before any clipping
+    for m, key in (("audio", "audio_lengths"), ("vision", "vision_lengths")):
+        if key in raw:
             stored_lengths[m] = to_float_array(raw[key], f"{path}: {split}.{key}").reshape(-1)
             if stored_lengths[m].shape[0] != n:
                 raise DataError(f"{path}: {split}.{key} has {stored_lengths[m].shape[0]} entries, expected {n}")

@@ -78,11 +78,11 @@ def _first_last(real: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return real.any(axis=1), real.argmax(axis=1), steps - 1 - real[:, ::-1].argmax(axis=1)
 
 
-def sample_sides(real: np.ndarray, stored: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """([N] bool: looks start-padded, [N] bool: looks end-padded) from the real frames [N, L] and
-    the stored lengths when there are any; see the module docstring."""
-    steps = real.shape[1]
-    has, first, last = _first_last(real)
+def _sides(has: np.ndarray, first: np.ndarray, last: np.ndarray, steps: int,
+           stored: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """([N] bool: looks start-padded, [N] bool: looks end-padded) from `_first_last`'s (has,
+    first, last) of [N, `steps`] real frames and the stored lengths when there are any; see the
+    module docstring."""
     if stored is None:
         return has & (first > 0) & (last == steps - 1), has & (first == 0) & (last < steps - 1)
     pad = steps - stored
@@ -92,7 +92,7 @@ def sample_sides(real: np.ndarray, stored: np.ndarray | None = None) -> tuple[np
 
 def count_sides(seq: Sequences) -> tuple[int, int]:
     """(samples that look start-padded, samples that look end-padded) of `seq`."""
-    start, end = sample_sides(seq.real, seq.stored)
+    start, end = _sides(*_first_last(seq.real), seq.real.shape[1], seq.stored)
     return int(start.sum()), int(end.sum())
 
 
@@ -116,8 +116,8 @@ def _choose(name: str, counts: tuple[int, int], requested: str, where: str) -> t
 
 def _extents(real: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """From real frames [N, L]: ([N] bool: padded at one end, [N] int: frames up to the padding)."""
-    start, end = sample_sides(real)
-    _, first, last = _first_last(real)
+    has, first, last = _first_last(real)
+    start, end = _sides(has, first, last, real.shape[1])
     return start | end, np.where(start, real.shape[1] - first, last + 1)
 
 
@@ -137,15 +137,14 @@ def check_time_axis(features: dict[str, np.ndarray], stored: dict[str, np.ndarra
     modality transposed alone with no lengths to compare (unaligned, no stored lengths).
     rows: [N, A] real frames of a modality where the caller has them (saves a pass)."""
     rows = rows or {}
-    scanned: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    scanned: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
 
-    def last_axis(k: str) -> tuple[np.ndarray, np.ndarray]:  # padded [N], extent [N] on the last axis
-        if k not in scanned:
-            scanned[k] = _extents(real_frames(np.swapaxes(features[k], 1, 2)))
-        return scanned[k]
-
-    def time_axis(k: str) -> tuple[np.ndarray, np.ndarray]:
-        return _extents(rows[k] if k in rows else real_frames(features[k]))
+    def extents(k: str, axis: int) -> tuple[np.ndarray, np.ndarray]:  # padded [N], extent [N]; once each
+        if (k, axis) not in scanned:
+            frames = (rows[k] if k in rows else real_frames(features[k])) if axis == 1 else \
+                real_frames(np.swapaxes(features[k], 1, 2))
+            scanned[k, axis] = _extents(frames)
+        return scanned[k, axis]
 
     for m, x in features.items():
         n, steps, width = x.shape
@@ -153,18 +152,18 @@ def check_time_axis(features: dict[str, np.ndarray], stored: dict[str, np.ndarra
         candidates = []
         if m in stored:
             lengths = np.rint(stored[m])
-            padded, extent = time_axis(m)
+            padded, extent = extents(m, 1)
             if int((padded & (extent == lengths)).sum()) < max(10, 0.75 * padded.sum()):
                 candidates.append((lengths, everyone, f"its stored lengths ({m}_lengths)"))
         for k, y in features.items():
             if k != m and y.shape[1] == width:
-                candidates.append((time_axis(k)[1], everyone, f"{k}'s lengths"))
+                candidates.append((extents(k, 1)[1], everyone, f"{k}'s lengths"))
             if k != m and y.shape[2] == width:
-                other_padded, other_extent = last_axis(k)
+                other_padded, other_extent = extents(k, 2)
                 candidates.append((other_extent, other_padded, f"the last-axis padding of {k}"))
         if not candidates:
             continue
-        padded, extent = last_axis(m)
+        padded, extent = extents(m, 2)
         if padded.sum() < max(10, n / 10):
             continue
         for lengths, valid, source in candidates:
@@ -226,7 +225,8 @@ def _check_stored(name: str, parts: list[Sequences], side: str, where: str) -> N
             short, long = last >= seq.stored, last < seq.stored - 1
         else:
             short, long = first < steps - seq.stored, first > steps - seq.stored
-        samples, padded = samples + int(has.sum()), padded + int(np.logical_or(*sample_sides(real)).sum())
+        looks_padded = np.logical_or(*_sides(has, first, last, steps))
+        samples, padded = samples + int(has.sum()), padded + int(looks_padded.sum())
         too_short, too_long = too_short + int((has & short).sum()), too_long + int((has & long).sum())
     if not samples or padded < max(1, samples / 10):
         return

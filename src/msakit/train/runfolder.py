@@ -156,10 +156,15 @@ def check_checkpoint(state: dict, path: Path, cfg, seed: int, fingerprint: dict)
 # ----------------------------------------------------------------------------- the folder
 
 
+def _seed_dirs(path: Path) -> list[Path]:
+    """The run's seed folders (seed_N) in `path`."""
+    return [p for p in path.iterdir() if p.is_dir() and _SEED_DIR.fullmatch(p.name)]
+
+
 def holds_run(path: Path) -> bool:
     return path.is_dir() and (
         (path / "config.yaml").exists() or (path / "results.json").exists()
-        or any(p.is_dir() and _SEED_DIR.fullmatch(p.name) for p in path.iterdir())
+        or bool(_seed_dirs(path))
     )
 
 
@@ -272,13 +277,10 @@ class RunFolder:
             if last.is_file():
                 check_checkpoint(load_checkpoint(last), last, cfg, seed, fingerprint)
 
-    def _seeds(self) -> list[Path]:
-        return [p for p in self.path.iterdir() if p.is_dir() and _SEED_DIR.fullmatch(p.name)]
-
     def _untrained(self) -> bool:
         """No seed folder holds a checkpoint, log or metrics, and there is no results.json."""
         return not (self.path / "results.json").exists() and not any(
-            (p / name).exists() for p in self._seeds() for name in _EPOCH_FILES)
+            (p / name).exists() for p in _seed_dirs(self.path) for name in _EPOCH_FILES)
 
     def abandon(self) -> None:
         """A new run that failed before any epoch was saved (a setting found wrong only once the
@@ -288,7 +290,7 @@ class RunFolder:
         trained seed is left as it is."""
         if not self._untrained():
             return
-        for path in self._seeds():
+        for path in _seed_dirs(self.path):
             shutil.rmtree(path)
         (self.path / "config.yaml").unlink(missing_ok=True)
         log.info("%s: removed the config.yaml and seed folders of this run, which saved no epoch", self.path)
@@ -299,7 +301,7 @@ class RunFolder:
         """Remove stale temp files of interrupted writes, the run's own only: beside its files
         and in its seed folders, not in other folders under it (a tune study's live trials); and,
         with overwrite, the old run."""
-        places = [self.path.glob(".*.tmp"), *(seed.rglob(".*.tmp") for seed in self._seeds())]
+        places = [self.path.glob(".*.tmp"), *(seed.rglob(".*.tmp") for seed in _seed_dirs(self.path))]
         stale = [p for found in places for p in found if p.is_file()]
         for path in stale:
             path.unlink()
@@ -308,6 +310,5 @@ class RunFolder:
         if overwrite:
             for name in ("config.yaml", "results.json"):
                 (self.path / name).unlink(missing_ok=True)
-            for child in self.path.iterdir():
-                if child.is_dir() and _SEED_DIR.fullmatch(child.name):
-                    shutil.rmtree(child)
+            for child in _seed_dirs(self.path):
+                shutil.rmtree(child)
